@@ -1,0 +1,103 @@
+"""`sddecc` command line: prepare, graph, train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from sddecc_dist.config import ConfigError
+
+console = Console(stderr=True)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. seed=1 output_dir=runs/x train.joint_epochs=50")
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from sddecc_dist.config import load_config
+    from sddecc_dist.train.trainer import train
+
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    return train(load_config(args.config, overrides))
+
+
+def _prepare(args) -> None:
+    from sddecc_dist.stages import prepare_dataset
+
+    prepare_dataset(args.source, args.out, from_dir=args.from_dir, split=args.split,
+                    size=args.size, samples_per_shard=args.samples_per_shard)
+
+
+def _graph(args) -> None:
+    from sddecc_dist.stages import ensure_graph
+
+    ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild)
+
+
+def _evaluate(args) -> None:
+    """Score a run's assignments file against the labels in a prepared data folder."""
+    import numpy as np
+
+    from sddecc_dist.data import load_all
+    from sddecc_dist.metrics import clustering_scores
+
+    path = Path(args.run_dir) / "assignments.txt"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {args.run_dir} a finished run folder?")
+    assignments = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    _, labels = load_all(args.data_dir)
+    if labels is None:
+        raise ConfigError(f"{args.data_dir} has no labels to score against")
+    if len(labels) != len(assignments):
+        raise ConfigError(f"{path} has {len(assignments)} assignments but {args.data_dir} has {len(labels)} samples")
+    scores = clustering_scores(labels.numpy(), assignments)
+    console.print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sddecc", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="write a dataset as webdataset shards + dataset.json")
+    prepare.add_argument("source", help="digits | usps | mnist | fashion-mnist | file.npz | image folder")
+    prepare.add_argument("--out", required=True, help="output folder for shards and manifest")
+    prepare.add_argument("--from", dest="from_dir", help="read raw files from this folder instead of downloading")
+    prepare.add_argument("--split", default="all", choices=["all", "train", "test"])
+    prepare.add_argument("--size", type=int, help="resize folder images to SIZE x SIZE")
+    prepare.add_argument("--samples-per-shard", type=int, default=10000)
+    prepare.set_defaults(func=_prepare)
+
+    graph = commands.add_parser("graph", help="build the kNN graph artifact of a prepared folder")
+    graph.add_argument("data_dir")
+    graph.add_argument("--k", type=int, default=3)
+    graph.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    graph.add_argument("--rebuild", action="store_true", help="replace an existing artifact")
+    graph.set_defaults(func=_graph)
+
+    train = commands.add_parser("train", help="pretrain and jointly train SDDECC")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a run's assignments against labels")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data-dir", required=True)
+    evaluate.set_defaults(func=_evaluate)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `key=value` overrides.
+
+Every key a YAML file or an override names must exist in these dataclasses; a typo is an
+error that names the key and the file, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+@dataclass
+class DataConfig:
+    # What to prepare into `data_dir` when it holds no shards yet (`sddecc prepare` arguments).
+    source: str | None = None  # dataset name, .npz file or image folder; None: data_dir must exist
+    from_dir: str | None = None  # local raw files instead of downloading
+    split: str = "all"  # the paper clusters train and test together
+    size: int | None = None  # resize image folders to size x size
+    samples_per_shard: int = 10000
+    shuffle_buffer: int = 10000  # webdataset shuffle buffer for minibatch pretraining
+
+
+@dataclass
+class GraphConfig:
+    k: int = 3  # neighbours per sample (the paper's k)
+    use_gpu: bool | None = None  # None: faiss-gpu when a GPU is visible, else faiss-cpu
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # paper Table 2, per layer
+    kernel_sizes: list[int] = field(default_factory=lambda: [3, 3])
+    strides: list[int] = field(default_factory=lambda: [2, 2])
+    latent_dim: int = 10
+    # Encoder layer (1-based) whose feature map C_ij feeds the local discriminator T2;
+    # None picks the middle layer, ceil(L / 2).
+    local_layer: int | None = None
+    global_disc_hidden: int = 256  # Deep InfoMax (Su) widths: 3 hidden layers
+    local_disc_hidden: int = 128
+    delta: float = 0.5  # transfer operator of Eq. 15
+    use_gcn: bool = True  # False: p(y|z) from a linear head on the code (ablations without GCN)
+
+
+@dataclass
+class LossConfig:
+    recon_weight: float = 1.0  # multiplies 1/2 ||x - x_hat||^2 (Eq. 13); see docs/method.md
+    mi_weight: float = 0.01  # lambda_1 (Eq. 12); 0 switches both MI terms off
+    global_mi: bool = True  # T1(x, z)
+    local_mi: bool = True  # T2(C_ij, z)
+    kl_weight: float = 1.0  # lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly
+    prior_kl: bool = True  # pretraining: KL(p(z|x) || N(0, I))
+    cluster_kl: bool = True  # joint phase: Eq. 18; False trains no clustering head (ConvAE + k-means)
+
+
+@dataclass
+class TrainConfig:
+    pretrain_epochs: int = 30
+    pretrain_batch_size: int = 256
+    pretrain_lr: float = 1e-3
+    joint_epochs: int = 100  # full-batch steps over the whole graph, as SDCN
+    joint_lr: float = 1e-3
+    # In a full-batch joint step, reconstruction and MI are estimated on this many random
+    # samples (unbiased); the encoder and GCN still see every node.
+    joint_aux_batch_size: int = 1024
+    kmeans_n_init: int = 20
+    eval_every: int = 5  # joint epochs between metric lines
+    checkpoint_every: int = 25  # joint epochs between periodic checkpoints
+    resume: bool = False  # continue from the latest checkpoint in the run folder
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data_dir: str = "data/digits"
+    output_dir: str = "runs/digits"
+    seed: int = 0
+    n_clusters: int | None = None  # None: the manifest's number of classes
+    data: DataConfig = field(default_factory=DataConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_type(value: Any, annotation: Any, key: str, origin: str) -> Any:
+    """Return `value` as the annotated type, or raise naming the key and where it came from."""
+    hint_origin = typing.get_origin(annotation)
+    if hint_origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key, origin)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if hint_origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{origin}: '{key}' must be a list, got {value!r}")
+        return [_check_type(v, item_type, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{origin}: '{key}' must be true or false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{origin}: '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(
+            f"{origin}: '{key}' must be of type {annotation.__name__}, got {value!r}"
+        )
+    return value
+
+
+def _apply(target: Any, values: dict, prefix: str, origin: str) -> None:
+    """Set fields of a dataclass instance from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(type(target))
+    known = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        full_key = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(
+                f"{origin}: unknown key '{full_key}'; known keys here: {', '.join(sorted(known))}"
+            )
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{full_key}' must be a mapping, got {value!r}")
+            _apply(current, value, f"{full_key}.", origin)
+        else:
+            setattr(target, key, _check_type(value, hints[key], full_key, origin))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.joint_epochs=50` -> (['train', 'joint_epochs'], 50); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. seed=1)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from defaults, then a YAML file, then `key=value` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _apply(config, values, "", str(path))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(config, nested, "", f"override '{text}'")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    model = config.model
+    n_layers = len(model.channels)
+    if n_layers == 0:
+        raise ConfigError("model.channels must name at least one encoder layer")
+    if not (len(model.kernel_sizes) == len(model.strides) == n_layers):
+        raise ConfigError(
+            f"model.channels, model.kernel_sizes and model.strides must have the same length, "
+            f"got {n_layers}, {len(model.kernel_sizes)}, {len(model.strides)}"
+        )
+    if model.local_layer is not None and not 1 <= model.local_layer <= n_layers:
+        raise ConfigError(f"model.local_layer={model.local_layer} must be in 1..{n_layers}")
+    if not 0.0 <= model.delta <= 1.0:
+        raise ConfigError(f"model.delta={model.delta} must be in [0, 1]")
+    if config.graph.k < 1:
+        raise ConfigError(f"graph.k={config.graph.k} must be at least 1")
+    if config.n_clusters is not None and config.n_clusters < 2:
+        raise ConfigError(f"n_clusters={config.n_clusters} must be at least 2")
+    for key in ("recon_weight", "mi_weight", "kl_weight"):
+        if getattr(config.loss, key) < 0:
+            raise ConfigError(f"loss.{key} must be >= 0")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

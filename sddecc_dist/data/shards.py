@@ -1,0 +1,250 @@
+"""WebDataset shards: a checksummed, streamable on-disk form of a RawDataset.
+
+Each sample stores its image in the original dtype and range (`x.npy`, exact round trip), its
+label (`cls`) and its global index as the key; scaling to [0,1] happens on read, from the
+manifest's value range, so every consumer sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .sources import DataError, RawDataset
+
+MANIFEST_NAME = "dataset.json"
+FORMAT_VERSION = 1
+_MANIFEST_KEYS = ("format_version", "name", "count", "image_shape", "dtype", "value_range",
+                  "n_classes", "class_names", "has_labels", "shards")
+_SHARD_KEYS = ("file", "count", "first_index", "sha256")
+
+Sample = tuple[int, torch.Tensor, int]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 10000) -> dict:
+    """Write `raw` as tar shards plus a `dataset.json` manifest, each atomically; return the manifest."""
+    images, labels = raw.images, raw.labels
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise DataError(f"{raw.name}: images must be a non-empty (N, C, H, W) array with C in {{1,3}}, got {images.shape}")
+    if labels is not None and labels.shape != (len(images),):
+        raise DataError(f"{raw.name}: {len(images)} images but labels of shape {labels.shape}")
+    if samples_per_shard < 1:
+        raise DataError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for number, first in enumerate(range(0, len(images), samples_per_shard)):
+        stop = min(first + samples_per_shard, len(images))
+        filename = f"shard-{number:06d}.tar"
+        tmp = out / (filename + ".tmp")
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:  # int mtime: reproducible, no PAX headers
+            for index in range(first, stop):
+                sample = {"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index])}
+                if labels is not None:
+                    sample["cls"] = int(labels[index])
+                sink.write(sample)
+        digest = _sha256(tmp)
+        os.replace(tmp, out / filename)
+        shards.append({"file": filename, "count": stop - first, "first_index": first, "sha256": digest})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": raw.name,
+        "count": len(images),
+        "image_shape": list(images.shape[1:]),
+        "dtype": str(images.dtype),
+        "value_range": [float(raw.value_range[0]), float(raw.value_range[1])],
+        "n_classes": raw.n_classes,
+        "class_names": raw.class_names,
+        "has_labels": labels is not None,
+        "shards": shards,
+    }
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """Load and sanity-check `dataset.json`, so that later errors can trust its fields."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"missing manifest {path}: write shards first (write_shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise DataError(f"invalid JSON in manifest {path}: {exn}") from exn
+    if not isinstance(manifest, dict):
+        raise DataError(f"manifest {path} must hold a JSON object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"manifest {path} lacks keys: {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise DataError(f"manifest {path} has format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
+    for i, shard in enumerate(manifest["shards"]):
+        lacking = [k for k in _SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
+        if lacking:
+            raise DataError(f"manifest {path}: shard entry {i} lacks keys: {', '.join(lacking)}")
+    if sum(s["count"] for s in manifest["shards"]) != manifest["count"]:
+        raise DataError(f"manifest {path}: shard counts do not add up to count={manifest['count']}")
+    return manifest
+
+
+def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
+    """Recompute each shard's sha256 against the manifest (catches corruption that still parses)."""
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    for shard in manifest["shards"]:
+        path = Path(data_dir) / shard["file"]
+        if not path.is_file():
+            raise DataError(f"missing shard {path}")
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
+            raise DataError(f"corrupt shard {path}: sha256 {digest}, manifest says {shard['sha256']}")
+
+
+def shard_urls(data_dir: str | Path, manifest: dict | None = None) -> list[str]:
+    """Absolute shard paths in index order, as webdataset urls."""
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    return [str(Path(data_dir).resolve() / shard["file"]) for shard in manifest["shards"]]
+
+
+def sample_pipeline(urls: list[str], value_range: tuple[float, float] | list[float],
+                    shuffle_buffer: int = 0, seed: int = 0) -> wds.WebDataset:
+    """WebDataset yielding (index, image float32 (C,H,W) in [0,1], label or -1) per sample.
+
+    Shards and samples are shuffled only when `shuffle_buffer > 0`, from `seed`, so a given
+    seed always gives the same order. Every rank reads every shard (no node splitting).
+    """
+    lo, hi = float(value_range[0]), float(value_range[1])
+    dataset = wds.WebDataset(urls, handler=_shard_error_handler(urls), nodesplitter=None,
+                             shardshuffle=len(urls) if shuffle_buffer > 0 else False, seed=seed)
+    if shuffle_buffer > 0:
+        dataset = dataset.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed))
+    return dataset.map(partial(_decode_sample, lo=lo, hi=hi))
+
+
+def stream_batches(data_dir: str | Path, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
+                   manifest: dict | None = None) -> Iterator[Batch]:
+    """Batches (index LongTensor, images FloatTensor (B,C,H,W) in [0,1], labels LongTensor, -1 if none).
+
+    Yields every sample once (last batch may be partial) and, at the end, checks each index
+    was seen, so a truncated shard cannot silently shorten an epoch.
+    """
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    pipeline = sample_pipeline(shard_urls(data_dir, manifest), manifest["value_range"], shuffle_buffer, seed)
+    seen = np.zeros(manifest["count"], dtype=bool)
+    for batch in pipeline.batched(batch_size, collation_fn=_collate, partial=True):
+        _mark_seen(seen, batch[0].tolist(), manifest, data_dir)
+        yield batch
+    _check_complete(seen, manifest, data_dir)
+
+
+def load_all(data_dir: str | Path, manifest: dict | None = None,
+             verify: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every sample, ordered by global index: images (N,C,H,W) float32 in [0,1], labels (N,) or None.
+
+    `verify` checks shard checksums first (cheap next to decoding), since a flipped pixel byte
+    would otherwise go unnoticed.
+    """
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    if verify:
+        verify_shards(data_dir, manifest)
+    shape = tuple(manifest["image_shape"])
+    images = torch.empty((manifest["count"], *shape), dtype=torch.float32)
+    labels = torch.full((manifest["count"],), -1, dtype=torch.int64)
+    seen = np.zeros(manifest["count"], dtype=bool)
+    for index, image, label in sample_pipeline(shard_urls(data_dir, manifest), manifest["value_range"]):
+        if tuple(image.shape) != shape:
+            raise DataError(f"sample {index} in {_shard_of(index, manifest, data_dir)} has shape "
+                            f"{tuple(image.shape)}, manifest says {shape}")
+        _mark_seen(seen, [index], manifest, data_dir)
+        images[index] = image
+        labels[index] = label
+    _check_complete(seen, manifest, data_dir)
+    return images, labels if manifest["has_labels"] else None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _shard_error_handler(urls: list[str]) -> Callable[[Exception], bool]:
+    """webdataset handler that re-raises read errors as a DataError naming the shard.
+
+    webdataset 1.0.2 appends the url (and stream) to `exn.args` in the tar expander and the
+    stream repr (with the path) to args[0] in the member iterator, so the name is found there.
+    """
+    names = [Path(u).name for u in urls]
+
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, DataError):  # already ours; webdataset may have appended to its args
+            raise DataError(exn.args[0]) from exn.__cause__
+        text = " ".join(str(a) for a in exn.args) + " " + str(exn)
+        shard = next((u for u, n in zip(urls, names) if n in text), f"one of the shards of {Path(urls[0]).parent}")
+        detail = exn.strerror if isinstance(exn, OSError) and exn.strerror else exn.args[0] if exn.args else ""
+        detail = str(detail).split(" @ <")[0]  # drop the stream repr webdataset appends
+        raise DataError(f"corrupt or unreadable shard {shard}: {type(exn).__name__}: {detail}") from exn
+
+    return handler
+
+
+def _decode_sample(sample: dict, lo: float, hi: float) -> Sample:
+    """Decode one raw tar sample; errors name the shard and key."""
+    if "x.npy" not in sample:
+        raise DataError(f"sample {sample['__key__']!r} in shard {sample['__url__']} has no x.npy "
+                        "(truncated or corrupt shard)")
+    try:
+        index = int(sample["__key__"])
+        array = np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False)
+        label = int(sample["cls"]) if "cls" in sample else -1
+    except (ValueError, OSError, EOFError) as exn:
+        raise DataError(f"corrupt sample {sample.get('__key__')!r} in shard {sample.get('__url__')}: "
+                        f"{type(exn).__name__}: {exn}") from exn
+    image = (torch.from_numpy(array.astype(np.float32)) - lo) / (hi - lo)
+    return index, image, label
+
+
+def _collate(samples: list[Sample]) -> Batch:
+    indices, images, labels = zip(*samples)
+    return (torch.tensor(indices, dtype=torch.int64), torch.stack(images),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+def _mark_seen(seen: np.ndarray, indices: Iterable[int], manifest: dict, data_dir: str | Path) -> None:
+    for index in indices:
+        if not 0 <= index < len(seen):
+            raise DataError(f"sample index {index} out of range 0..{len(seen) - 1} in shards of {data_dir}")
+        if seen[index]:
+            raise DataError(f"sample {index} appears twice (expected in {_shard_of(index, manifest, data_dir)})")
+        seen[index] = True
+
+
+def _check_complete(seen: np.ndarray, manifest: dict, data_dir: str | Path) -> None:
+    missing = np.flatnonzero(~seen)
+    if len(missing):
+        raise DataError(f"{len(missing)} samples missing, first {missing[0]} expected in "
+                        f"{_shard_of(int(missing[0]), manifest, data_dir)} (truncated shard?)")
+
+
+def _shard_of(index: int, manifest: dict, data_dir: str | Path) -> Path:
+    """The shard file that the manifest assigns to a global index."""
+    for shard in manifest["shards"]:
+        if shard["first_index"] <= index < shard["first_index"] + shard["count"]:
+            return Path(data_dir) / shard["file"]
+    return Path(data_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

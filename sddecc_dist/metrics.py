@@ -1,0 +1,55 @@
+"""Clustering quality scores: unsupervised accuracy, NMI and ARI.
+
+Cluster ids are arbitrary, so accuracy is measured under the best one-to-one
+matching of clusters to classes (Hungarian algorithm), as is standard in the
+deep-clustering literature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+__all__ = ["cluster_acc", "clustering_scores"]
+
+
+def _as_label_vectors(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two label vectors of equal, non-zero length (never copies or mutates them)."""
+    true = np.asarray(y_true)
+    pred = np.asarray(y_pred)
+    if true.ndim != 1 or pred.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shapes {true.shape} and {pred.shape}")
+    if true.shape != pred.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {true.shape[0]} vs {pred.shape[0]}")
+    if true.size == 0:
+        raise ValueError("labels are empty")
+    return true, pred
+
+
+def cluster_acc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Accuracy under the best one-to-one cluster -> class matching.
+
+    The contingency matrix is classes x clusters and may be rectangular: with
+    more clusters than classes the unmatched clusters' samples count as
+    errors, and with fewer clusters the unmatched classes' samples do.
+    Labels may be any values; they are remapped with ``np.unique``.
+    """
+    true, pred = _as_label_vectors(y_true, y_pred)
+    classes, true_ids = np.unique(true, return_inverse=True)
+    clusters, pred_ids = np.unique(pred, return_inverse=True)
+    contingency = np.zeros((classes.size, clusters.size), dtype=np.int64)
+    np.add.at(contingency, (true_ids, pred_ids), 1)
+    rows, cols = linear_sum_assignment(contingency, maximize=True)
+    return float(contingency[rows, cols].sum() / true.size)
+
+
+def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+    """Return ``{'acc', 'nmi', 'ari'}`` for one clustering, as plain floats."""
+    true, pred = _as_label_vectors(y_true, y_pred)
+    return {
+        "acc": cluster_acc(true, pred),
+        "nmi": float(normalized_mutual_info_score(true, pred)),
+        "ari": float(adjusted_rand_score(true, pred)),
+    }

@@ -1,0 +1,123 @@
+"""DDECN: the convolutional autoencoder with a Gaussian code and two MI discriminators.
+
+Paper section 3.1. The model knows nothing about ranks, shards or graphs: it maps a batch of
+images to codes, feature maps and reconstructions, and scores (feature, code) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderOutput:
+    features: list[torch.Tensor]  # each encoder layer's activation map, (B, C_l, H_l, W_l)
+    mean: torch.Tensor  # (B, d)
+    logvar: torch.Tensor  # (B, d)
+
+
+class ConvEncoder(nn.Module):
+    """Strided 3x3 (per Table 2) conv layers, then two linear heads for mean and log-variance."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        channels: list[int],
+        kernel_sizes: list[int],
+        strides: list[int],
+        latent_dim: int,
+    ):
+        super().__init__()
+        in_channels = image_shape[0]
+        layers = []
+        for out_channels, kernel, stride in zip(channels, kernel_sizes, strides):
+            layers.append(nn.Conv2d(in_channels, out_channels, kernel, stride, padding=kernel // 2))
+            in_channels = out_channels
+        self.convs = nn.ModuleList(layers)
+        # Shapes of every layer's output, needed by the decoder, the GCN and the discriminators.
+        with torch.no_grad():
+            x = torch.zeros(1, *image_shape)
+            self.feature_shapes: list[tuple[int, int, int]] = []
+            for conv in self.convs:
+                x = conv(x)
+                self.feature_shapes.append(tuple(x.shape[1:]))
+        flat = x.numel()
+        self.mean_head = nn.Linear(flat, latent_dim)
+        self.logvar_head = nn.Linear(flat, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        features = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            features.append(x)
+        flat = x.flatten(1)
+        return EncoderOutput(features, self.mean_head(flat), self.logvar_head(flat))
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of the encoder (Decoder-1 = Encoder-4 ... in Table 2); sigmoid output in [0, 1]."""
+
+    def __init__(self, image_shape, feature_shapes, kernel_sizes, strides, latent_dim):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.top_shape = feature_shapes[-1]
+        self.fc = nn.Linear(latent_dim, int(torch.tensor(self.top_shape).prod()))
+        # Output shapes in decoding order: the encoder's feature shapes reversed, then the image.
+        targets = list(reversed(feature_shapes[:-1])) + [self.image_shape]
+        sources = list(reversed(feature_shapes))
+        self.output_sizes = [t[1:] for t in targets]
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(src[0], tgt[0], kernel, stride, padding=kernel // 2)
+            for src, tgt, kernel, stride in zip(
+                sources, targets, reversed(kernel_sizes), reversed(strides)
+            )
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc(z)).view(-1, *self.top_shape)
+        for i, (deconv, size) in enumerate(zip(self.deconvs, self.output_sizes)):
+            # output_size resolves the stride ambiguity (e.g. 7 -> 4 -> 7 on MNIST).
+            x = deconv(x, output_size=size)
+            x = torch.sigmoid(x) if i == len(self.deconvs) - 1 else torch.relu(x)
+        return x
+
+
+class GlobalDiscriminator(nn.Module):
+    """T1(x, z): an MLP on [flattened top feature map of x, z] (3 hidden layers, Su's DIM)."""
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim + latent_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([features.flatten(1), z], dim=1)).squeeze(1)
+
+
+class LocalDiscriminator(nn.Module):
+    """T2(C_ij, z): three 1x1 convs over the middle feature map concatenated with tiled z."""
+
+    def __init__(self, feature_channels: int, latent_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(feature_channels + latent_dim, hidden, 1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+            nn.Conv2d(hidden, 1, 1),
+        )
+
+    def forward(self, feature_map: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Returns one score per location, (B, M, M)."""
+        tiled = z[:, :, None, None].expand(-1, -1, *feature_map.shape[2:])
+        return self.net(torch.cat([feature_map, tiled], dim=1)).squeeze(1)
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = mean + sigma * eps, so gradients reach mean and log-variance."""
+    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)

@@ -1,0 +1,61 @@
+"""The loss terms of Eq. 12, 13 and 18, each a plain function of tensors (closed forms tested)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: 1/2 ||x - x_hat||^2 summed over pixels, averaged over samples."""
+    return 0.5 * (x - x_hat).pow(2).flatten(1).sum(1).mean()
+
+
+def gaussian_prior_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over code dimensions, averaged over samples."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(1).mean()
+
+
+def jsd_mi_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
+    """Negative Jensen-Shannon MI estimate of Eq. 9/10 (natural log), to be minimised.
+
+    -E_pos[log σ(T)] - E_neg[log(1 - σ(T))] = E_pos[softplus(-T)] + E_neg[softplus(T)].
+    Its minimum over T is log 4 - 2 JSD(pos || neg), reached at T = log(p_pos / p_neg).
+    """
+    return F.softplus(-positive_scores).mean() + F.softplus(negative_scores).mean()
+
+
+def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Negatives for the MI estimators: pair each sample with another sample of the batch.
+
+    A random cyclic shift by 1..B-1 of a random permutation, so no sample keeps its own
+    partner (a plain permutation would leave fixed points labelled as negatives)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("MI negatives need a batch of at least 2 samples")
+    order = torch.randperm(n, generator=generator, device="cpu")
+    shift = int(torch.randint(1, n, (1,), generator=generator))
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(shift)
+    return x[partner.to(x.device)]
+
+
+def clustering_kl(
+    mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, centers: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 18: KL(p(y|x) p(z|x) || q(z|y) q(y)), q(z|y) = N(μ_y, I), q(y) uniform; closed form.
+
+    p(z|x) = N(mean, diag(exp(logvar))) and p(y|x) = Y from the GCN, so per sample
+      Σ_y Y_y KL(N(mean, σ²) || N(μ_y, I)) + KL(Y || uniform)
+    = Σ_y Y_y · ½(||mean - μ_y||² + Σ_d σ²_d - d - Σ_d log σ²_d) + Σ_y Y_y log(K Y_y).
+    The expectation over z is taken exactly, not by sampling. Averaged over samples.
+    """
+    n_clusters = centers.shape[0]
+    # Explicit squared distances: cdist's gradient is NaN where a code sits on a centre.
+    sq_dist = (mean[:, None, :] - centers[None, :, :]).pow(2).sum(2)  # (N, K)
+    gaussian_part = 0.5 * (logvar.exp() - 1.0 - logvar).sum(1, keepdim=True)  # (N, 1)
+    per_cluster_kl = 0.5 * sq_dist + gaussian_part
+    categorical_kl = (y * (torch.log(y.clamp_min(1e-12)) + math.log(n_clusters))).sum(1)
+    return ((y * per_cluster_kl).sum(1) + categorical_kl).mean()

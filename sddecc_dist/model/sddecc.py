@@ -1,0 +1,137 @@
+"""SDDECC = DDECN (autoencoder + MI discriminators) + GCN + learnable centres μ_y.
+
+The module computes loss terms from tensors it is given (images, an adjacency, a batch); it
+has no notion of processes, devices or data files. The trainer decides what to feed it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sddecc_dist.config import LossConfig, ModelConfig
+from sddecc_dist.model import losses
+from sddecc_dist.model.ddecn import (
+    ConvDecoder,
+    ConvEncoder,
+    EncoderOutput,
+    GlobalDiscriminator,
+    LocalDiscriminator,
+    reparameterize,
+)
+from sddecc_dist.model.gcn import GCN
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    parts: dict[str, float]  # detached values for logging
+
+
+class SDDECC(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], n_clusters: int, config: ModelConfig):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.n_clusters = n_clusters
+        d = config.latent_dim
+        self.encoder = ConvEncoder(image_shape, config.channels, config.kernel_sizes, config.strides, d)
+        shapes = self.encoder.feature_shapes
+        self.decoder = ConvDecoder(image_shape, shapes, config.kernel_sizes, config.strides, d)
+        n_layers = len(shapes)
+        self.local_layer = (config.local_layer or math.ceil(n_layers / 2)) - 1  # 0-based
+        self.global_disc = GlobalDiscriminator(math.prod(shapes[-1]), d, config.global_disc_hidden)
+        self.local_disc = LocalDiscriminator(shapes[self.local_layer][0], d, config.local_disc_hidden)
+        self.use_gcn = config.use_gcn
+        if config.use_gcn:
+            dims = [math.prod(s) for s in shapes] + [d]
+            self.gcn = GCN(math.prod(image_shape), dims, n_clusters, config.delta)
+        else:
+            # Ablations without structure: p(y|z) from a linear softmax head on the code.
+            self.cluster_head = nn.Linear(d, n_clusters)
+        # q(z|y) = N(μ_y, I); set from k-means on the pretrained codes before the joint phase.
+        self.centers = nn.Parameter(torch.zeros(n_clusters, d))
+
+    # ---- pieces -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        return self.encoder(x)
+
+    def cluster_probabilities(
+        self, x: torch.Tensor, encoded: EncoderOutput, adjacency: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Y = p(y|x), (N, K). With the GCN this needs every node of `adjacency` in `x`."""
+        if not self.use_gcn:
+            return torch.softmax(self.cluster_head(encoded.mean), dim=1)
+        if adjacency is None:
+            raise ValueError("the GCN needs the normalised adjacency of the samples it is given")
+        representations = [f.flatten(1) for f in encoded.features] + [encoded.mean]
+        return self.gcn(x.flatten(1), representations, adjacency)
+
+    def ddecn_losses(
+        self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction and the two JSD MI terms of Eq. 12 on a minibatch (unweighted)."""
+        z = reparameterize(encoded.mean, encoded.logvar)
+        terms = {"recon": losses.reconstruction_loss(x, self.decoder(z))}
+        if loss_config.mi_weight > 0 and loss_config.global_mi:
+            top = encoded.features[-1]
+            positive = self.global_disc(top, z)
+            negative = self.global_disc(top, losses.shuffle_in_batch(z))
+            terms["global_mi"] = losses.jsd_mi_loss(positive, negative)
+        if loss_config.mi_weight > 0 and loss_config.local_mi:
+            feature_map = encoded.features[self.local_layer]
+            positive = self.local_disc(feature_map, z)
+            negative = self.local_disc(losses.shuffle_in_batch(feature_map), z)
+            # mean over the M x M locations = the 1/(M x M) Σ_ij of Eq. 12
+            terms["local_mi"] = losses.jsd_mi_loss(positive, negative)
+        return terms
+
+    # ---- the two phases' objectives -----------------------------------------------------
+    def forward(self, phase: str, x: torch.Tensor, **kwargs):
+        """Dispatch to a phase's objective, so a distributed wrapper sees a forward call."""
+        if phase == "pretrain":
+            return self.pretrain_loss(x, **kwargs)
+        if phase == "joint":
+            return self.joint_loss(x, **kwargs)
+        raise ValueError(f"unknown phase {phase!r}: expected 'pretrain' or 'joint'")
+
+    def pretrain_loss(self, x: torch.Tensor, loss_config: LossConfig) -> LossTerms:
+        """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL."""
+        encoded = self.encode(x)
+        terms = self.ddecn_losses(x, encoded, loss_config)
+        if loss_config.prior_kl and loss_config.kl_weight > 0:
+            terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
+        return self._weighted(terms, loss_config)
+
+    def joint_loss(
+        self,
+        x: torch.Tensor,
+        adjacency: torch.Tensor | None,
+        aux_index: torch.Tensor,
+        loss_config: LossConfig,
+    ) -> tuple[LossTerms, torch.Tensor]:
+        """Eq. 19 on a graph batch: the clustering KL over every node of `x`, reconstruction and
+        MI on the nodes `aux_index` (a random subset: an unbiased estimate that keeps the
+        decoder and discriminators off the full batch). Returns the terms and Y (detached)."""
+        encoded = self.encode(x)
+        y = self.cluster_probabilities(x, encoded, adjacency)
+        aux = EncoderOutput([f[aux_index] for f in encoded.features],
+                            encoded.mean[aux_index], encoded.logvar[aux_index])
+        terms = self.ddecn_losses(x[aux_index], aux, loss_config)
+        if loss_config.cluster_kl and loss_config.kl_weight > 0:
+            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers)
+        return self._weighted(terms, loss_config), y.detach()
+
+    @staticmethod
+    def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:
+        weights = {
+            "recon": loss_config.recon_weight,
+            "global_mi": loss_config.mi_weight,
+            "local_mi": loss_config.mi_weight,
+            "prior_kl": loss_config.kl_weight,
+            "cluster_kl": loss_config.kl_weight,
+        }
+        total = sum(weights[name] * value for name, value in terms.items())
+        return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})

@@ -1,0 +1,66 @@
+"""Typed configs: YAML + overrides, clear errors for unknown keys and wrong types."""
+
+from pathlib import Path
+
+import pytest
+
+from sddecc_dist.config import ConfigError, load_config
+
+CONFIGS = sorted(Path("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.graph.k == 3 and config.model.delta == 0.5
+
+
+def test_paper_configs_follow_the_paper():
+    for name in ("usps", "mnist", "fashion_mnist"):
+        config = load_config(f"configs/paper/{name}.yaml")
+        assert 0.001 <= config.loss.mi_weight <= 0.1, name  # λ1 range of Fig. 7
+        assert 1.0 <= config.loss.kl_weight <= 2.0, name  # λ2 range of Fig. 7
+        assert set(config.model.kernel_sizes) == {3}
+    assert load_config("configs/paper/usps.yaml").model.channels == [16, 32]
+    assert load_config("configs/paper/mnist.yaml").model.channels == [16, 16, 32, 32]
+    assert load_config("configs/paper/fashion_mnist.yaml").model.channels == [16, 16, 32, 32]
+
+
+def test_overrides_set_nested_and_top_level_keys():
+    config = load_config("configs/digits.yaml", [
+        "seed=7", "data_dir=/tmp/d", "output_dir=/tmp/o", "n_clusters=12",
+        "train.joint_epochs=3", "loss.mi_weight=0", "model.channels=[8,8]",
+        "model.kernel_sizes=[3,3]", "graph.use_gpu=false",
+    ])
+    assert (config.seed, config.data_dir, config.output_dir, config.n_clusters) == (7, "/tmp/d", "/tmp/o", 12)
+    assert config.train.joint_epochs == 3
+    assert config.loss.mi_weight == 0.0 and isinstance(config.loss.mi_weight, float)
+    assert config.model.channels == [8, 8] and config.graph.use_gpu is False
+
+
+def test_unknown_keys_are_rejected_with_their_name(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'train.epochs'"):
+        load_config("configs/digits.yaml", ["train.epochs=3"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  chanels: [1]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'model.chanels'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "'seed' must be of type int"),
+    ("loss.global_mi=3", "'loss.global_mi' must be true or false"),
+    ("model.channels=16", "'model.channels' must be a list"),
+    ("model.delta=1.5", "model.delta=1.5 must be in"),
+    ("model.kernel_sizes=[3]", "same length"),
+    ("graph.k=0", "graph.k=0 must be at least 1"),
+    ("seed", "must look like key=value"),
+])
+def test_bad_values_are_rejected_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/digits.yaml", [override])
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config("configs/nope.yaml")

@@ -1,0 +1,209 @@
+"""Tests for the kNN search and the normalised adjacency (CPU only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from sddecc_dist.graph import (
+    GraphError,
+    build_graph,
+    knn_search,
+    load_graph,
+    normalized_adjacency,
+    save_graph,
+)
+
+
+def brute_force_sq_dists(x: np.ndarray) -> np.ndarray:
+    """All pairwise squared L2 distances in float64, self pairs set to +inf.
+
+    Uses |a|^2 + |b|^2 - 2ab (exact for the integer-valued digits data) to
+    avoid an N x N x d temporary.
+    """
+    x64 = x.astype(np.float64)
+    sq = (x64**2).sum(axis=1)
+    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x64 @ x64.T, 0.0)
+    np.fill_diagonal(d, np.inf)
+    return d
+
+
+def assert_matches_brute_force(x: np.ndarray, k: int, dist: np.ndarray, idx: np.ndarray, atol: float) -> None:
+    """Distances must match exactly-ish; index sets must match where not tied at the k-th distance."""
+    full = brute_force_sq_dists(x)
+    expected_dist = np.sort(full, axis=1)[:, :k]
+    np.testing.assert_allclose(dist, expected_dist, rtol=1e-4, atol=atol)
+    n = x.shape[0]
+    assert not (idx == np.arange(n)[:, None]).any(), "self match not removed"
+    np.testing.assert_allclose(full[np.arange(n)[:, None], idx], dist, rtol=1e-4, atol=atol)
+    for i in range(n):
+        kth = expected_dist[i, -1]
+        # Neighbours strictly closer than the k-th distance are unambiguous.
+        sure = set(np.flatnonzero(full[i] < kth - max(atol, 1e-4 * kth)))
+        assert sure <= set(idx[i].tolist()), f"row {i}"
+        assert len(set(idx[i].tolist())) == k
+
+
+def test_knn_random_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    dist, idx = knn_search(x, k=7, use_gpu=False, query_batch=64)
+    assert dist.shape == (200, 7) and dist.dtype == np.float32
+    assert idx.shape == (200, 7) and idx.dtype == np.int64
+    assert (np.diff(dist, axis=1) >= 0).all()
+    assert_matches_brute_force(x, 7, dist, idx, atol=1e-4)
+
+
+def test_knn_digits_matches_brute_force() -> None:
+    x = load_digits().data  # float64 integer pixels: distances are exact integers, ties are exact
+    dist, idx = knn_search(x, k=10, use_gpu=False, query_batch=500)
+    assert_matches_brute_force(x.astype(np.float32), 10, dist, idx, atol=1e-3)
+
+
+def test_knn_query_batch_does_not_change_result() -> None:
+    x = load_digits().data[:300]
+    d1, i1 = knn_search(x, k=5, use_gpu=False, query_batch=7)
+    d2, i2 = knn_search(x, k=5, use_gpu=False)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(i1, i2)
+
+
+def test_knn_removes_self_with_duplicates() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(20, 4)).astype(np.float32)
+    # Row 0 appears 5 times (rows 0, 20..23). FAISS returns (0, 20, 21) for
+    # all five, so self sits in column 0 or 1 for some rows and is missing
+    # from the k+1 results for rows 22 and 23 (last column dropped).
+    x = np.vstack([base, np.repeat(base[:1], 4, axis=0)])
+    dist, idx = knn_search(x, k=2, use_gpu=False)
+    assert not (idx == np.arange(x.shape[0])[:, None]).any()
+    dup_rows = [0, 20, 21, 22, 23]
+    for i in dup_rows:
+        assert set(idx[i].tolist()) <= set(dup_rows) - {i}
+        np.testing.assert_array_equal(dist[i], [0.0, 0.0])
+
+
+def test_knn_bad_inputs() -> None:
+    x = np.zeros((5, 3), dtype=np.float32)
+    x[:, 0] = np.arange(5)
+    with pytest.raises(GraphError, match="k=5 must be smaller than the number of samples N=5"):
+        knn_search(x, k=5, use_gpu=False)
+    with pytest.raises(GraphError, match="at least 1"):
+        knn_search(x, k=0, use_gpu=False)
+    with pytest.raises(GraphError, match="2-D"):
+        knn_search(x.ravel(), k=1, use_gpu=False)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    bad[4, 2] = np.inf
+    with pytest.raises(GraphError, match="first bad row index: 3"):
+        knn_search(bad, k=1, use_gpu=False, query_batch=2)
+
+
+def test_knn_use_gpu_true_without_gpu_fails_clearly() -> None:
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is visible")
+    with pytest.raises(GraphError, match="use_gpu=True"):
+        knn_search(np.eye(4, dtype=np.float32), k=1, use_gpu=True)
+
+
+def dense_normalized(neighbors: np.ndarray, n: int) -> np.ndarray:
+    """Reference D^-1/2 (max(A, A^T) + I) D^-1/2 computed densely (small n only)."""
+    a = np.zeros((n, n))
+    for i, row in enumerate(neighbors):
+        for j in row:
+            if i != j:
+                a[i, j] = 1.0
+    a = np.maximum(a, a.T) + np.eye(n)
+    d = 1.0 / np.sqrt(a.sum(axis=1))
+    return d[:, None] * a * d[None, :]
+
+
+def test_normalized_adjacency_hand_checked() -> None:
+    # Path-like graph 0 -> 1, 1 -> 0 (mutual), 2 -> 1 (one-sided).
+    neighbors = np.array([[1], [0], [1]])
+    adj = normalized_adjacency(neighbors, 3)
+    assert adj.layout == torch.sparse_csr and adj.dtype == torch.float32
+    assert not adj.values().requires_grad
+    # A + I = [[1,1,0],[1,1,1],[0,1,1]], degrees (2, 3, 2).
+    expected = np.array(
+        [
+            [1 / 2, 1 / np.sqrt(6), 0],
+            [1 / np.sqrt(6), 1 / 3, 1 / np.sqrt(6)],
+            [0, 1 / np.sqrt(6), 1 / 2],
+        ]
+    )
+    np.testing.assert_allclose(adj.to_dense().numpy(), expected, rtol=1e-6)
+    assert adj.values().numel() == 7  # the mutual edge 0-1 is stored once per direction
+
+
+def test_normalized_adjacency_random_matches_dense() -> None:
+    rng = np.random.default_rng(2)
+    n, k = 30, 4
+    neighbors = np.stack([rng.choice(np.delete(np.arange(n), i), size=k, replace=False) for i in range(n)])
+    adj = normalized_adjacency(neighbors, n)
+    dense = adj.to_dense().numpy()
+    expected = dense_normalized(neighbors, n)
+    np.testing.assert_allclose(dense, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dense, dense.T, rtol=1e-6)
+    # Recover A + I from the normalisation: entries are 1 / sqrt(d_i d_j).
+    a_plus_i = (expected > 0).astype(np.float64)
+    assert (np.diag(a_plus_i) == 1).all()
+    degrees = a_plus_i.sum(axis=1)
+    np.testing.assert_allclose(np.diag(dense), 1.0 / degrees, rtol=1e-6)
+    assert adj.values().numel() == int(a_plus_i.sum())
+
+
+def test_normalized_adjacency_ignores_self_and_repeated_neighbors() -> None:
+    neighbors = np.array([[0, 1, 1], [0, 2, 2], [1, 2, 0]])
+    dense = normalized_adjacency(neighbors, 3).to_dense().numpy()
+    np.testing.assert_allclose(dense, dense_normalized(neighbors, 3), rtol=1e-6)
+
+
+def test_normalized_adjacency_rejects_bad_indices() -> None:
+    with pytest.raises(GraphError, match="must lie in"):
+        normalized_adjacency(np.array([[1], [3]]), 2)
+    with pytest.raises(GraphError, match="n_nodes"):
+        normalized_adjacency(np.array([[1], [0]]), 3)
+
+
+def test_build_save_load_round_trip(tmp_path) -> None:
+    x = load_digits().data[:150]
+    adj, neighbors, meta = build_graph(x, k=5, use_gpu=False)
+    assert meta["k"] == 5 and meta["n"] == 150 and meta["backend"] == "faiss-cpu"
+    assert meta["n_edges"] == adj.values().numel()
+    path = tmp_path / "graph.pt"
+    save_graph(path, adj, neighbors, {**meta, "manifest_checksum": "abc123"})
+    assert not (tmp_path / "graph.pt.tmp").exists()
+    loaded, loaded_meta = load_graph(path)
+    assert loaded.layout == torch.sparse_csr
+    torch.testing.assert_close(loaded.to_dense(), adj.to_dense(), rtol=0, atol=0)
+    assert loaded_meta["manifest_checksum"] == "abc123" and loaded_meta["k"] == 5
+    stored = torch.load(path, weights_only=True)
+    np.testing.assert_array_equal(stored["neighbors"].numpy(), neighbors)
+
+
+def test_load_graph_errors(tmp_path) -> None:
+    with pytest.raises(GraphError, match="does not exist"):
+        load_graph(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a torch file at all")
+    with pytest.raises(GraphError, match="corrupt.pt"):
+        load_graph(corrupt)
+    adj = normalized_adjacency(np.array([[1], [0], [1]]), 3)
+    good = tmp_path / "good.pt"
+    save_graph(good, adj, np.array([[1], [0], [1]]), {"k": 1})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(GraphError, match="truncated.pt"):
+        load_graph(truncated)
+
+
+def test_save_graph_rejects_non_json_meta(tmp_path) -> None:
+    adj = normalized_adjacency(np.array([[1], [0]]), 2)
+    with pytest.raises(GraphError, match="JSON-like"):
+        save_graph(tmp_path / "g.pt", adj, np.array([[1], [0]]), {"k": np.int64(1)})
+    assert not (tmp_path / "g.pt").exists()

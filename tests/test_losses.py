@@ -1,0 +1,131 @@
+"""Loss terms against closed forms, brute force and Monte Carlo references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sddecc_dist.model import losses
+
+
+def test_gaussian_prior_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(7, 5), torch.randn(7, 5)
+    p = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    q = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
+    expected = torch.distributions.kl_divergence(p, q).sum(1).mean()
+    assert torch.allclose(losses.gaussian_prior_kl(mean, logvar), expected, atol=1e-6)
+    # zero exactly at the prior
+    assert losses.gaussian_prior_kl(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
+
+
+def test_reconstruction_loss_is_half_squared_error_per_sample():
+    x = torch.zeros(2, 1, 2, 2)
+    x_hat = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 0.0]]]])
+    # per-sample ½||x - x̂||²: 0.5 and 1.5, mean 1.0 (Eq. 13)
+    assert losses.reconstruction_loss(x, x_hat).item() == pytest.approx(1.0)
+
+
+def test_jsd_loss_sign_and_value():
+    # Perfect discriminator (large positive on positives, large negative on negatives): loss -> 0.
+    big = torch.full((10,), 30.0)
+    assert losses.jsd_mi_loss(big, -big).item() < 1e-10
+    # Uninformative discriminator T = 0: loss is 2 log 2 = log 4 (JSD = 0).
+    zero = torch.zeros(10)
+    assert losses.jsd_mi_loss(zero, zero).item() == pytest.approx(math.log(4.0))
+    # A discriminator that scores positives higher has lower loss than the reverse.
+    t = torch.linspace(-2, 2, 10)
+    assert losses.jsd_mi_loss(t + 1, t - 1) < losses.jsd_mi_loss(t - 1, t + 1)
+
+
+def test_jsd_optimum_on_a_known_pair_of_distributions():
+    """Minimising over free scores T(v) on discrete p, q reaches T* = log(p/q) and the value
+    log 4 - 2 JSD(p || q) (natural log), the estimator's closed-form optimum."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    scores = torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.LBFGS([scores], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        # expectations written as weighted sums: the estimator's E_p and E_q
+        return (p * torch.nn.functional.softplus(-scores)).sum() + (
+            q * torch.nn.functional.softplus(scores)
+        ).sum()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    m = 0.5 * (p + q)
+    jsd = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    assert torch.allclose(scores.detach(), (p / q).log(), atol=1e-3)
+    assert loss_fn().item() == pytest.approx(math.log(4.0) - 2 * jsd.item(), abs=1e-5)
+    # and jsd_mi_loss on samples drawn in those proportions gives the same value
+    counts_p, counts_q = (p * 1000).long(), (q * 1000).long()
+    pos = torch.repeat_interleave(scores.detach(), counts_p)
+    neg = torch.repeat_interleave(scores.detach(), counts_q)
+    assert losses.jsd_mi_loss(pos, neg).item() == pytest.approx(loss_fn().item(), abs=1e-4)
+
+
+def test_shuffle_in_batch_is_a_permutation_without_fixed_points():
+    x = torch.arange(50).float()[:, None]
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        shuffled = losses.shuffle_in_batch(x, g)[:, 0]
+        assert sorted(shuffled.tolist()) == x[:, 0].tolist()
+        assert not torch.any(shuffled == x[:, 0])
+    with pytest.raises(ValueError, match="at least 2"):
+        losses.shuffle_in_batch(x[:1])
+
+
+def _clustering_kl_monte_carlo(mean, logvar, y, centers, n_draws):
+    """E_{y~Y, z~N(mean, σ²)}[log p(z|x) + log Y_y - log N(z; μ_y, I) - log(1/K)]."""
+    k = centers.shape[0]
+    std = torch.exp(0.5 * logvar)
+    z = mean[None] + std[None] * torch.randn(n_draws, *mean.shape, dtype=mean.dtype)
+    log_p = torch.distributions.Normal(mean, std).log_prob(z).sum(-1)  # (S, N)
+    log_q = torch.stack(
+        [torch.distributions.Normal(centers[j], 1.0).log_prob(z).sum(-1) for j in range(k)], -1
+    )  # (S, N, K)
+    per_cluster = log_p[..., None] - log_q + torch.log(y)[None] + math.log(k)
+    return (y[None] * per_cluster).sum(-1).mean()
+
+
+def test_clustering_kl_equals_its_monte_carlo_expansion():
+    torch.manual_seed(0)
+    n, d, k = 6, 3, 4
+    mean = torch.randn(n, d, dtype=torch.float64)
+    logvar = 0.5 * torch.randn(n, d, dtype=torch.float64)
+    y = torch.softmax(torch.randn(n, k, dtype=torch.float64), 1)
+    centers = torch.randn(k, d, dtype=torch.float64)
+    closed = losses.clustering_kl(mean, logvar, y, centers)
+    monte_carlo = _clustering_kl_monte_carlo(mean, logvar, y, centers, 400_000)
+    assert closed.item() == pytest.approx(monte_carlo.item(), abs=5e-3)
+
+
+def test_clustering_kl_closed_form_terms():
+    # Y uniform, code exactly N(μ_0, I)-shaped: KL reduces to the mean ½||mean - μ_y||² over y.
+    k, d = 3, 2
+    centers = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    mean, logvar = torch.zeros(1, d), torch.zeros(1, d)
+    y = torch.full((1, k), 1.0 / k)
+    expected = np.mean([0.0, 0.5 * 9, 0.5 * 16])
+    assert losses.clustering_kl(mean, logvar, y, centers).item() == pytest.approx(expected)
+    # The optimal Y for fixed codes is the Gaussian-mixture posterior softmax(-½||mean-μ_y||²),
+    # with value -log Σ_y (1/K) exp(-½||mean - μ_y||²) (+ the Gaussian part, zero here).
+    posterior = torch.softmax(-0.5 * torch.tensor([[0.0, 9.0, 16.0]]), 1)
+    optimum = -torch.logsumexp(-0.5 * torch.tensor([0.0, 9.0, 16.0]) - math.log(k), 0)
+    assert losses.clustering_kl(mean, logvar, posterior, centers).item() == pytest.approx(optimum.item(), abs=1e-6)
+    assert losses.clustering_kl(mean, logvar, y, centers) > losses.clustering_kl(mean, logvar, posterior, centers)
+
+
+def test_clustering_kl_gradient_is_finite_when_a_code_sits_on_a_centre():
+    centers = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    mean = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    y = torch.tensor([[0.9, 0.1]])
+    losses.clustering_kl(mean, torch.zeros(1, 2), y, centers).backward()
+    assert torch.isfinite(mean.grad).all() and torch.isfinite(centers.grad).all()

@@ -69,7 +69,13 @@ class TrainConfig:
     pretrain_batch_size: int = 256
     pretrain_lr: float = 1e-3
     joint_epochs: int = 100  # full-batch steps over the whole graph, as SDCN
-    joint_lr: float = 1e-3
+    joint_lr: float = 1e-3  # DDECN and centres in the joint phase
+    # The GCN (or linear head) starts from random weights and must catch up with a pretrained
+    # encoder in a few hundred full-batch steps: it gets its own, larger learning rate.
+    head_lr: float = 1e-2
+    # Joint epochs at the start that train only the GCN (DDECN and centres frozen), so that a
+    # randomly initialised GCN does not pull the codes towards arbitrary centres.
+    head_warmup_epochs: int = 0
     # In a full-batch joint step, reconstruction and MI are estimated on this many random
     # samples (unbiased); the encoder and GCN still see every node.
     joint_aux_batch_size: int = 1024

@@ -47,7 +47,7 @@ def test_local_discriminator_scores_each_location_with_tiled_code():
 
 
 def test_gcn_matches_dense_equations_15_to_17():
-    """Y = softmax(Â mix(H_L, z) W) with H_{l+1} = relu(Â ((1-δ)H_l + δZ_l) W_l), Â dense."""
+    """Y = softmax(Â (mix(H_L, z) W + b)) with H_{l+1} = relu(Â ((1-δ)H_l + δZ_l) W_l), Â dense."""
     torch.manual_seed(0)
     n, k = 12, 3
     neighbors = np.array([[(i + 1) % n, (i + 2) % n, (i + 5) % n] for i in range(n)])
@@ -63,7 +63,8 @@ def test_gcn_matches_dense_equations_15_to_17():
     h = torch.relu(dense @ x.flatten(1) @ weights[0])
     for w, z in zip(weights[1:], z_layers[:-1]):
         h = torch.relu(dense @ ((0.7 * h + 0.3 * z) @ w))
-    expected = torch.softmax(dense @ ((0.7 * h + 0.3 * z_layers[-1]) @ model.gcn.head.weight.T), 1)
+    head = model.gcn.head
+    expected = torch.softmax(dense @ ((0.7 * h + 0.3 * z_layers[-1]) @ head.weight.T + head.bias), 1)
     assert y.shape == (n, k)
     assert torch.allclose(y, expected, atol=1e-5)
     assert torch.allclose(y.sum(1), torch.ones(n))

@@ -24,7 +24,7 @@ class GCN(nn.Module):
         self.delta = delta
         dims = [input_dim] + list(representation_dims)
         self.hidden = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(dims[-1], n_clusters, bias=False)
+        self.head = nn.Linear(dims[-1], n_clusters)
 
     def forward(
         self, x: torch.Tensor, representations: list[torch.Tensor], adjacency: torch.Tensor

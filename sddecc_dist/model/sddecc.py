@@ -54,6 +54,10 @@ class SDDECC(nn.Module):
         # q(z|y) = N(μ_y, I); set from k-means on the pretrained codes before the joint phase.
         self.centers = nn.Parameter(torch.zeros(n_clusters, d))
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of p(y|x): the GCN, or the linear head in the ablations without it."""
+        return list((self.gcn if self.use_gcn else self.cluster_head).parameters())
+
     # ---- pieces -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> EncoderOutput:
         return self.encoder(x)
@@ -95,7 +99,9 @@ class SDDECC(nn.Module):
             return self.pretrain_loss(x, **kwargs)
         if phase == "joint":
             return self.joint_loss(x, **kwargs)
-        raise ValueError(f"unknown phase {phase!r}: expected 'pretrain' or 'joint'")
+        if phase == "head":
+            return self.head_loss(x, **kwargs)
+        raise ValueError(f"unknown phase {phase!r}: expected 'pretrain', 'head' or 'joint'")
 
     def pretrain_loss(self, x: torch.Tensor, loss_config: LossConfig) -> LossTerms:
         """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL."""
@@ -123,6 +129,17 @@ class SDDECC(nn.Module):
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
             terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers)
         return self._weighted(terms, loss_config), y.detach()
+
+    def head_loss(
+        self, x: torch.Tensor, adjacency: torch.Tensor | None, loss_config: LossConfig
+    ) -> tuple[LossTerms, torch.Tensor]:
+        """Clustering KL with the DDECN frozen: only the GCN (or head) learns. Lets Y approach
+        the mixture posterior of the pretrained codes before Y is allowed to move them."""
+        with torch.no_grad():
+            encoded = self.encode(x)
+        y = self.cluster_probabilities(x, encoded, adjacency)
+        kl = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers.detach())
+        return self._weighted({"cluster_kl": kl}, loss_config), y.detach()
 
     @staticmethod
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:

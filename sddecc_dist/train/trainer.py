@@ -220,9 +220,11 @@ def train(config: Config) -> dict:
 
     # 5. joint training, full batch over the graph -------------------------------------------
     joint_epochs = config.train.joint_epochs if loss_config.cluster_kl else 0
-    joint_optimizer = accelerator.prepare_optimizer(
-        torch.optim.Adam(model.parameters(), lr=config.train.joint_lr)
-    )
+    head_ids = {id(p) for p in core.head_parameters()}
+    joint_optimizer = accelerator.prepare_optimizer(torch.optim.Adam([
+        {"params": core.head_parameters(), "lr": config.train.head_lr},
+        {"params": [p for p in core.parameters() if id(p) not in head_ids], "lr": config.train.joint_lr},
+    ]))
     if resumed is not None and resumed["phase"] == "joint":
         joint_optimizer.load_state_dict(resumed["optimizer"])
     x_all = images.to(accelerator.device)
@@ -231,9 +233,12 @@ def train(config: Config) -> dict:
         task = progress.add_task("joint", total=joint_epochs, completed=joint_start, status="")
         for epoch in range(joint_start, joint_epochs):
             epoch_start = time.time()
-            aux_index = torch.randperm(n)[:aux_size].to(accelerator.device)
-            terms, y = model("joint", x_all, adjacency=adjacency, aux_index=aux_index,
-                             loss_config=loss_config)
+            if epoch < config.train.head_warmup_epochs:
+                terms, y = model("head", x_all, adjacency=adjacency, loss_config=loss_config)
+            else:
+                aux_index = torch.randperm(n)[:aux_size].to(accelerator.device)
+                terms, y = model("joint", x_all, adjacency=adjacency, aux_index=aux_index,
+                                 loss_config=loss_config)
             joint_optimizer.zero_grad(set_to_none=True)
             accelerator.backward(terms.total)
             joint_optimizer.step()

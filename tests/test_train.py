@@ -1,0 +1,84 @@
+"""End to end: the quickstart on scikit-learn's digits, run folder artifacts, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sddecc_dist.config import ConfigError, load_config
+from sddecc_dist.train.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The README's quickstart configuration, in a temporary folder."""
+    tmp = tmp_path_factory.mktemp("digits")
+    config = load_config(ROOT / "configs/digits.yaml",
+                         [f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
+    return train(config), tmp
+
+
+def test_quickstart_reaches_the_accuracy_bar(digits_run):
+    result, _ = digits_run
+    assert result["acc"] >= 0.80, result
+    assert result["nmi"] >= 0.70, result
+    assert result["n_samples"] == 1797 and result["n_clusters"] == 10
+
+
+def test_run_folder_holds_every_artifact(digits_run):
+    result, tmp = digits_run
+    run = tmp / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"acc", "nmi", "ari", "n_samples", "n_clusters", "seconds", "epoch"} <= metrics.keys()
+    assert metrics["epoch"] == load_config(ROOT / "configs/digits.yaml").train.joint_epochs
+    assignments = np.loadtxt(run / "assignments.txt", dtype=int)
+    assert assignments.shape == (1797,) and assignments.min() >= 0 and assignments.max() < 10
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {line["phase"] for line in lines} == {"pretrain", "kmeans", "joint"}
+    # the final metrics are the last epoch's assignments, scored again from the file
+    from sddecc_dist.metrics import clustering_scores
+    from sklearn.datasets import load_digits
+    assert clustering_scores(load_digits().target, assignments)["acc"] == pytest.approx(metrics["acc"])
+    for name in ("pretrain.pt", "final.pt"):
+        assert (run / "checkpoints" / name).stat().st_size > 0
+    assert load_config(run / "config.yaml").output_dir == str(run)
+    assert (tmp / "data" / "dataset.json").exists() and (tmp / "data" / "graph-k3.pt").exists()
+
+
+def test_k_not_smaller_than_the_sample_count_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "tiny.npz", x=np.random.default_rng(0).random((4, 8, 8)).astype(np.float32))
+    config = load_config(ROOT / "configs/digits.yaml", [
+        f"data.source={tmp_path / 'tiny.npz'}", f"data_dir={tmp_path / 'data'}",
+        f"output_dir={tmp_path / 'run'}", "graph.k=4", "n_clusters=2"])
+    with pytest.raises(ValueError, match=r"k=4 must be smaller than the number of samples"):
+        train(config)
+
+
+def test_unlabelled_data_needs_n_clusters(tmp_path):
+    np.savez(tmp_path / "tiny.npz", x=np.random.default_rng(0).random((20, 8, 8)).astype(np.float32))
+    config = load_config(ROOT / "configs/digits.yaml", [
+        f"data.source={tmp_path / 'tiny.npz'}", f"data_dir={tmp_path / 'data'}",
+        f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="set n_clusters"):
+        train(config)
+
+
+def test_cli_reports_an_unknown_dataset_by_name(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "sddecc_dist.cli", "prepare", "imagenet-42", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "imagenet-42" in out.stderr
+
+
+def test_launch_script_rejects_unknown_override(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", "configs/digits.yaml", "train.epochz=1"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "unknown key 'train.epochz'" in out.stderr

@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
 
 from sddecc_dist.config import ConfigError
+from sddecc_dist.utils import console
 
-console = Console(stderr=True)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,6 +61,8 @@ class LossConfig:
     kl_weight: float = 1.0  # lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly
     prior_kl: bool = True  # pretraining: KL(p(z|x) || N(0, I))
     cluster_kl: bool = True  # joint phase: Eq. 18; False trains no clustering head (ConvAE + k-means)
+    # KL(mean cluster usage || uniform), the balance the paper asks of q(y); 0 = Eq. 18 only.
+    balance_weight: float = 0.0
 
 
 @dataclass
@@ -206,7 +208,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"graph.k={config.graph.k} must be at least 1")
     if config.n_clusters is not None and config.n_clusters < 2:
         raise ConfigError(f"n_clusters={config.n_clusters} must be at least 2")
-    for key in ("recon_weight", "mi_weight", "kl_weight"):
+    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight"):
         if getattr(config.loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0")
 

@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from sddecc_dist.data import load_all, load_source, read_manifest, write_shards
+from sddecc_dist.utils import console
 from sddecc_dist.graph import GraphError, build_graph, load_graph, save_graph
 
-console = Console(stderr=True)
 
 
 def prepare_dataset(

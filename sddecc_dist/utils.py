@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+
+# One console for all progress and log lines, on stderr so stdout stays clean; soft wrapping
+# keeps a log line on one line in files and CI logs.
+console = Console(stderr=True, soft_wrap=True, log_path=False)
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:

@@ -129,3 +129,18 @@ def test_clustering_kl_gradient_is_finite_when_a_code_sits_on_a_centre():
     y = torch.tensor([[0.9, 0.1]])
     losses.clustering_kl(mean, torch.zeros(1, 2), y, centers).backward()
     assert torch.isfinite(mean.grad).all() and torch.isfinite(centers.grad).all()
+
+
+def test_marginal_balance_kl_closed_form():
+    k = 5
+    # every sample certain of a different cluster in turn: usage uniform, KL 0
+    assert losses.marginal_balance_kl(torch.eye(k)).item() == pytest.approx(0.0, abs=1e-7)
+    # every sample in cluster 0: KL(one-hot || uniform) = log K
+    y = torch.zeros(7, k)
+    y[:, 0] = 1.0
+    assert losses.marginal_balance_kl(y).item() == pytest.approx(math.log(k))
+    # against the textbook formula on random rows
+    y = torch.softmax(torch.randn(11, k, generator=torch.Generator().manual_seed(0)), 1)
+    marginal = y.mean(0)
+    expected = (marginal * (marginal * k).log()).sum()
+    assert losses.marginal_balance_kl(y).item() == pytest.approx(expected.item(), rel=1e-6)

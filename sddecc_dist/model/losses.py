@@ -59,3 +59,13 @@ def clustering_kl(
     per_cluster_kl = 0.5 * sq_dist + gaussian_part
     categorical_kl = (y * (torch.log(y.clamp_min(1e-12)) + math.log(n_clusters))).sum(1)
     return ((y * per_cluster_kl).sum(1) + categorical_kl).mean()
+
+
+def marginal_balance_kl(y: torch.Tensor) -> torch.Tensor:
+    """KL(mean_i Y_i || uniform): zero when clusters are used equally, log K when one takes all.
+
+    Eq. 18's per-sample KL(Y_i || uniform) softens each row but does not stop a cluster from
+    emptying; this term states the paper's purpose for a uniform q(y) ("so that the classes
+    are balanced") at the level of the cluster marginal."""
+    marginal = y.mean(0)
+    return (marginal * (torch.log(marginal.clamp_min(1e-12)) + math.log(y.shape[1]))).sum()

@@ -128,6 +128,8 @@ class SDDECC(nn.Module):
         terms = self.ddecn_losses(x[aux_index], aux, loss_config)
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
             terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers)
+        if loss_config.balance_weight > 0:
+            terms["balance"] = losses.marginal_balance_kl(y)
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -138,8 +140,10 @@ class SDDECC(nn.Module):
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        kl = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers.detach())
-        return self._weighted({"cluster_kl": kl}, loss_config), y.detach()
+        terms = {"cluster_kl": losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers.detach())}
+        if loss_config.balance_weight > 0:
+            terms["balance"] = losses.marginal_balance_kl(y)
+        return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:
@@ -149,6 +153,7 @@ class SDDECC(nn.Module):
             "local_mi": loss_config.mi_weight,
             "prior_kl": loss_config.kl_weight,
             "cluster_kl": loss_config.kl_weight,
+            "balance": loss_config.balance_weight,
         }
         total = sum(weights[name] * value for name, value in terms.items())
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})

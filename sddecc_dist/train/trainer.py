@@ -22,7 +22,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,13 +37,13 @@ from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph, prepare_dataset
 from sddecc_dist.utils import (
+    console,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     peak_memory_mib,
 )
 
-console = Console(stderr=True)
 
 
 def _progress() -> Progress:

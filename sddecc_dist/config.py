@@ -82,6 +82,9 @@ class TrainConfig:
     # samples (unbiased); the encoder and GCN still see every node.
     joint_aux_batch_size: int = 1024
     kmeans_n_init: int = 20
+    # k-means for the centres runs on the codes smoothed t times over the graph (Â^t Z); the
+    # GCN's Y is graph-smoothed too, and single-seed k-means on raw codes varies a lot.
+    center_init_smoothing: int = 4
     eval_every: int = 5  # joint epochs between metric lines
     checkpoint_every: int = 25  # joint epochs between periodic checkpoints
     resume: bool = False  # continue from the latest checkpoint in the run folder
@@ -163,6 +166,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def config_from_dict(values: dict, origin: str = "dict") -> Config:
+    """A Config from a nested dict (e.g. the one saved in a checkpoint), validated."""
+    config = Config()
+    _apply(config, values, "", origin)
+    validate(config)
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from .knn import GraphError, knn_search, resolve_use_gpu
+
+# torch prints a "sparse CSR support is in beta" warning on the first CSR tensor; the
+# operations used here (construction, sparse.mm with gradients to the dense side) are tested.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 __all__ = ["normalized_adjacency", "save_graph", "load_graph", "build_graph"]
 

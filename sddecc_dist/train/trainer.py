@@ -3,7 +3,7 @@
     1. data:     shards (prepared if missing) -> images in memory, streamed minibatches
     2. graph:    kNN graph artifact over raw pixels (built if missing)
     3. pretrain: DDECN = reconstruction + λ1 MI (global, local) + λ2 prior KL, minibatches
-    4. centres:  k-means on the pretrained mean codes -> μ_y
+    4. centres:  k-means on the pretrained mean codes (smoothed over the graph) -> μ_y
     5. joint:    Eq. 19, full-batch over the graph (the paper's setting, as SDCN)
     6. results:  assignments argmax_j Y_ij of the LAST epoch, metrics, checkpoints
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from sklearn.cluster import KMeans
 from sddecc_dist.config import Config, ConfigError, to_dict
 from sddecc_dist.data import load_all, read_manifest, stream_batches
 from sddecc_dist.metrics import clustering_scores
+from sddecc_dist.model.gcn import propagate
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph, prepare_dataset
 from sddecc_dist.utils import (
@@ -71,6 +73,20 @@ class Run:
         self.is_main = is_main
         if is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def set_aside_previous(self) -> None:
+        """A fresh run in a used folder: keep the earlier run's checkpoints in
+        `checkpoints.previous/` (so --resume cannot mix the two) and start a new log."""
+        if not any(self.checkpoints.iterdir()) and not (self.dir / "metrics.jsonl").exists():
+            return
+        console.log(f"[yellow]{self.dir} holds an earlier run: starting over, its checkpoints "
+                    f"moved to checkpoints.previous/ (use --resume to continue a run instead)")
+        previous = self.dir / "checkpoints.previous"
+        if previous.exists():
+            shutil.rmtree(previous)
+        self.checkpoints.rename(previous)
+        self.checkpoints.mkdir()
+        (self.dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def log_metrics(self, record: dict) -> None:
         if self.is_main:
@@ -126,6 +142,8 @@ def train(config: Config) -> dict:
     accelerator = Accelerator()
     set_seed(config.seed)
     run = Run(config.output_dir, accelerator.is_main_process)
+    if run.is_main and not config.train.resume:
+        run.set_aside_previous()
     if accelerator.is_main_process:
         atomic_write_text(run.dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
@@ -208,12 +226,16 @@ def train(config: Config) -> dict:
 
     # 4. centres from k-means on the pretrained codes ----------------------------------------
     if joint_start == 0:
-        codes = _encode_all(core, images, accelerator.device).numpy()
+        codes = _encode_all(core, images, accelerator.device)
+        smoothing = config.train.center_init_smoothing if adjacency is not None else 0
+        for _ in range(smoothing):
+            codes = propagate(adjacency, codes.to(accelerator.device))
+        codes = codes.cpu().numpy()
         kmeans = KMeans(n_clusters, n_init=config.train.kmeans_n_init, random_state=config.seed).fit(codes)
         with torch.no_grad():
             core.centers.copy_(torch.from_numpy(kmeans.cluster_centers_).float())
         kmeans_scores = _score(kmeans.labels_, labels)
-        console.log(f"k-means on pretrained codes: {_format(kmeans_scores)}")
+        console.log(f"k-means on pretrained codes (graph-smoothed {smoothing}x): {_format(kmeans_scores)}")
         run.log_metrics({"phase": "kmeans", "epoch": config.train.pretrain_epochs, **kmeans_scores})
         kmeans_assignments = kmeans.labels_
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-# One console for all progress and log lines, on stderr so stdout stays clean; soft wrapping
-# keeps a log line on one line in files and CI logs.
-console = Console(stderr=True, soft_wrap=True, log_path=False)
+# One console for all progress and log lines, on stderr so stdout stays clean. Redirected to a
+# file or a CI log, a wide fixed width keeps each log line on one line.
+console = Console(stderr=True, log_path=False, width=None if sys.stderr.isatty() else 200)
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:

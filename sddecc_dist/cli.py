@@ -57,7 +57,7 @@ def _evaluate(args) -> None:
     if len(labels) != len(assignments):
         raise ConfigError(f"{path} has {len(assignments)} assignments but {args.data_dir} has {len(labels)} samples")
     scores = clustering_scores(labels.numpy(), assignments)
-    console.print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))  # the result: stdout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,14 @@ def test_run_folder_holds_every_artifact(digits_run):
     assert (tmp / "data" / "dataset.json").exists() and (tmp / "data" / "graph-k3.pt").exists()
 
 
+def test_evaluate_command_rescores_the_assignments(digits_run, capsys):
+    from sddecc_dist.cli import main
+
+    result, tmp = digits_run
+    assert main(["evaluate", str(tmp / "run"), "--data-dir", str(tmp / "data")]) == 0
+    assert f"acc {result['acc']:.4f}" in capsys.readouterr().out
+
+
 def test_k_not_smaller_than_the_sample_count_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "tiny.npz", x=np.random.default_rng(0).random((4, 8, 8)).astype(np.float32))
     config = load_config(ROOT / "configs/digits.yaml", [

@@ -14,7 +14,7 @@ from sklearn.cluster import KMeans
 from sddecc_dist.config import config_from_dict
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.metrics import clustering_scores
-from sddecc_dist.model.gcn import propagate
+from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph
 
@@ -32,15 +32,11 @@ def main() -> None:
     n_clusters = config.n_clusters or manifest["n_classes"]
     model = SDDECC(tuple(manifest["image_shape"]), n_clusters, config.model)
     model.load_state_dict(state["model"])
-    model.eval()
     images, labels = load_all(config.data_dir, manifest)
-    with torch.no_grad():
-        codes = torch.cat([model.encode(images[i:i + 4096]).mean for i in range(0, len(images), 4096)])
+    codes = model.mean_codes(images, "cpu")
     adjacency = ensure_graph(config.data_dir, config.graph.k, images)
     for steps in sorted(args.smoothing):
-        smoothed = codes
-        for _ in range(steps):
-            smoothed = propagate(adjacency, smoothed)
+        smoothed = smooth(adjacency, codes, steps)
         kmeans = KMeans(n_clusters, n_init=args.n_init, random_state=config.seed).fit(smoothed.numpy())
         scores = clustering_scores(labels.numpy(), kmeans.labels_)
         print(f"smoothing {steps}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))

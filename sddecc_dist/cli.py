@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from sddecc_dist.config import ConfigError
 from sddecc_dist.utils import console
-
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from sddecc_dist.data import load_all, load_source, read_manifest, write_shards
-from sddecc_dist.utils import console
 from sddecc_dist.graph import GraphError, build_graph, load_graph, save_graph
-
+from sddecc_dist.utils import console
 
 
 def prepare_dataset(

@@ -100,3 +100,19 @@ def test_joint_loss_weights_terms_as_equation_19():
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
     assert y.shape == (n, 3) and not y.requires_grad
     assert math.isfinite(terms.total.item())
+
+
+def test_smooth_is_repeated_propagation_and_mean_codes_are_chunk_independent():
+    from sddecc_dist.model.gcn import smooth
+
+    n = 15
+    neighbors = np.array([[(i + 1) % n, (i + 4) % n] for i in range(n)])
+    adjacency = normalized_adjacency(neighbors, n)
+    h = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    dense = adjacency.to_dense()
+    assert torch.allclose(smooth(adjacency, h, 3), dense @ dense @ dense @ h, atol=1e-6)
+    assert torch.equal(smooth(adjacency, h, 0), h)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    x = torch.rand(10, 1, 8, 8)
+    assert torch.allclose(model.mean_codes(x, "cpu", batch_size=3), model.encode(x).mean.detach(), atol=1e-6)
+    assert model.training  # mode restored

@@ -16,6 +16,13 @@ def propagate(adjacency: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(adjacency, h)
 
 
+def smooth(adjacency: torch.Tensor, h: torch.Tensor, steps: int) -> torch.Tensor:
+    """Â^steps h: features averaged over `steps`-hop graph neighbourhoods."""
+    for _ in range(steps):
+        h = propagate(adjacency, h)
+    return h
+
+
 class GCN(nn.Module):
     def __init__(self, input_dim: int, representation_dims: list[int], n_clusters: int, delta: float):
         """`representation_dims`: widths of Z^(1..L+1), i.e. each flattened encoder feature map

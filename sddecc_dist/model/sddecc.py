@@ -62,6 +62,16 @@ class SDDECC(nn.Module):
     def encode(self, x: torch.Tensor) -> EncoderOutput:
         return self.encoder(x)
 
+    @torch.no_grad()
+    def mean_codes(self, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:
+        """Mean codes of every image, in chunks, on the CPU (no sampling: the code clustered)."""
+        was_training = self.training
+        self.eval()
+        means = [self.encode(images[i : i + batch_size].to(device)).mean.cpu()
+                 for i in range(0, len(images), batch_size)]
+        self.train(was_training)
+        return torch.cat(means)
+
     def cluster_probabilities(
         self, x: torch.Tensor, encoded: EncoderOutput, adjacency: torch.Tensor | None
     ) -> torch.Tensor:
@@ -126,10 +136,7 @@ class SDDECC(nn.Module):
         aux = EncoderOutput([f[aux_index] for f in encoded.features],
                             encoded.mean[aux_index], encoded.logvar[aux_index])
         terms = self.ddecn_losses(x[aux_index], aux, loss_config)
-        if loss_config.cluster_kl and loss_config.kl_weight > 0:
-            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers)
-        if loss_config.balance_weight > 0:
-            terms["balance"] = losses.marginal_balance_kl(y)
+        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -140,10 +147,20 @@ class SDDECC(nn.Module):
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = {"cluster_kl": losses.clustering_kl(encoded.mean, encoded.logvar, y, self.centers.detach())}
+        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config)
+        return self._weighted(terms, loss_config), y.detach()
+
+    @staticmethod
+    def _cluster_terms(
+        encoded: EncoderOutput, y: torch.Tensor, centers: torch.Tensor, loss_config: LossConfig
+    ) -> dict[str, torch.Tensor]:
+        """Eq. 18 and the cluster-balance term, each only when switched on."""
+        terms = {}
+        if loss_config.cluster_kl and loss_config.kl_weight > 0:
+            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers)
         if loss_config.balance_weight > 0:
             terms["balance"] = losses.marginal_balance_kl(y)
-        return self._weighted(terms, loss_config), y.detach()
+        return terms
 
     @staticmethod
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:

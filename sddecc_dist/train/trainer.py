@@ -35,17 +35,16 @@ from sklearn.cluster import KMeans
 from sddecc_dist.config import Config, ConfigError, to_dict
 from sddecc_dist.data import load_all, read_manifest, stream_batches
 from sddecc_dist.metrics import clustering_scores
-from sddecc_dist.model.gcn import propagate
+from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph, prepare_dataset
 from sddecc_dist.utils import (
-    console,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    console,
     peak_memory_mib,
 )
-
 
 
 def _progress() -> Progress:
@@ -121,16 +120,6 @@ def _prepare_data(config: Config) -> dict:
     return read_manifest(data_dir)
 
 
-@torch.no_grad()
-def _encode_all(model: SDDECC, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:
-    """Mean codes of every sample, in chunks (no sampling: the code used for clustering)."""
-    model.eval()
-    means = [model.encode(images[i : i + batch_size].to(device)).mean.cpu()
-             for i in range(0, len(images), batch_size)]
-    model.train()
-    return torch.cat(means)
-
-
 def _score(assignments: np.ndarray, labels: torch.Tensor | None) -> dict:
     return clustering_scores(labels.numpy(), assignments) if labels is not None else {}
 
@@ -142,9 +131,9 @@ def train(config: Config) -> dict:
     accelerator = Accelerator()
     set_seed(config.seed)
     run = Run(config.output_dir, accelerator.is_main_process)
-    if run.is_main and not config.train.resume:
-        run.set_aside_previous()
     if accelerator.is_main_process:
+        if not config.train.resume:
+            run.set_aside_previous()
         atomic_write_text(run.dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
     # 1. data ------------------------------------------------------------------------------
@@ -226,11 +215,11 @@ def train(config: Config) -> dict:
 
     # 4. centres from k-means on the pretrained codes ----------------------------------------
     if joint_start == 0:
-        codes = _encode_all(core, images, accelerator.device)
+        codes = core.mean_codes(images, accelerator.device)
         smoothing = config.train.center_init_smoothing if adjacency is not None else 0
-        for _ in range(smoothing):
-            codes = propagate(adjacency, codes.to(accelerator.device))
-        codes = codes.cpu().numpy()
+        if smoothing:
+            codes = smooth(adjacency, codes.to(accelerator.device), smoothing).cpu()
+        codes = codes.numpy()
         kmeans = KMeans(n_clusters, n_init=config.train.kmeans_n_init, random_state=config.seed).fit(codes)
         with torch.no_grad():
             core.centers.copy_(torch.from_numpy(kmeans.cluster_centers_).float())

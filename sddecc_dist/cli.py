@@ -33,9 +33,37 @@ def _prepare(args) -> None:
 
 
 def _graph(args) -> None:
+    """Single process, or, under torchrun / accelerate launch with WORLD_SIZE > 1, one rank of
+    a sharded build (each rank reads its share of the shards; rank 0 writes the artifact)."""
+    import os
+
+    from sddecc_dist.graph import IndexParams
     from sddecc_dist.stages import ensure_graph
 
-    ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild)
+    params = IndexParams(index=args.index, exact_max_n=args.exact_max_n, ivf_max_n=args.ivf_max_n,
+                         nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m, train_sample=args.train_sample,
+                         recall_queries=args.recall_queries)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild, params=params)
+        return
+
+    import torch
+    import torch.distributed as dist
+
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group(backend)  # RANK, WORLD_SIZE, MASTER_ADDR/PORT from the launcher
+    try:
+        if dist.get_world_size() != world_size:
+            raise ConfigError(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
+        ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild, params=params, sharded=True)
+    finally:
+        if started_here:
+            dist.destroy_process_group()
 
 
 def _evaluate(args) -> None:
@@ -76,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--k", type=int, default=3)
     graph.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     graph.add_argument("--rebuild", action="store_true", help="replace an existing artifact")
+    # defaults as sddecc_dist.graph.IndexParams (and the graph: section of a config)
+    graph.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq"],
+                       help="auto: exact up to --exact-max-n samples, IVF-Flat up to --ivf-max-n, then IVF-PQ")
+    graph.add_argument("--exact-max-n", type=int, default=100_000)
+    graph.add_argument("--ivf-max-n", type=int, default=10_000_000)
+    graph.add_argument("--nlist", type=int, default=0, help="IVF lists; 0: 4 sqrt(n) per index")
+    graph.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+    graph.add_argument("--pq-m", type=int, default=0, help="IVF-PQ bytes per vector; 0: automatic")
+    graph.add_argument("--train-sample", type=int, default=0, help="IVF training vectors; 0: automatic")
+    graph.add_argument("--recall-queries", type=int, default=1000,
+                       help="queries on which recall@k against exact search is measured (0: skip)")
+    graph.add_argument("--backend", choices=["gloo", "nccl"],
+                       help="torch.distributed backend when WORLD_SIZE > 1 (default: nccl if CUDA, else gloo)")
     graph.set_defaults(func=_graph)
 
     train = commands.add_parser("train", help="pretrain and jointly train SDDECC")

@@ -35,6 +35,17 @@ class DataConfig:
 class GraphConfig:
     k: int = 3  # neighbours per sample (the paper's k)
     use_gpu: bool | None = None  # None: faiss-gpu when a GPU is visible, else faiss-cpu
+    # FAISS index (sddecc_dist.graph.IndexParams has the same fields and defaults).
+    # auto: exact search (flat) up to exact_max_n samples, IVF-Flat up to ivf_max_n, IVF-PQ above.
+    index: str = "auto"  # auto | flat | ivf | ivfpq
+    exact_max_n: int = 100_000  # MNIST-size sets stay exact, as in the paper
+    ivf_max_n: int = 10_000_000
+    nlist: int = 0  # IVF lists; 0: round(4 sqrt(n)), n the vectors in one index (one rank's share)
+    nprobe: int = 16  # lists searched per query: recall against speed
+    pq_m: int = 0  # IVF-PQ bytes per vector, a divisor of the dimension; 0: largest <= min(64, d/4)
+    train_sample: int = 0  # vectors for IVF/PQ training; 0: min(n, max(64 nlist, 16384))
+    recall_queries: int = 1000  # random queries for recall@k against exact search (approximate indexes)
+    seed: int = 0  # training sample and recall queries
 
 
 @dataclass
@@ -86,9 +97,25 @@ class TrainConfig:
     # GCN's Y is graph-smoothed too, and single-seed k-means on raw codes varies a lot.
     center_init_smoothing: int = 4
     eval_every: int = 5  # joint epochs between metric lines
-    checkpoint_every: int = 25  # joint epochs between periodic checkpoints
-    resume: bool = False  # continue from the latest checkpoint in the run folder
+    checkpoint_every: int = 25  # epochs (either phase) between periodic checkpoints
+    keep_checkpoints: int = 2  # newest checkpoint folders kept in <output_dir>/checkpoints
+    resume: bool = False  # continue from the latest valid checkpoint in the run folder
+    # A pretrained model file (a run's checkpoints/pretrain.pt): skip pretraining, start at
+    # the centres and joint phase (reruns the joint stage alone on a fixed pretraining).
+    init_from: str | None = None
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # Joint-phase sampler. full: every step is the whole graph (the paper's and SDCN's
+    # setting, small sets). cluster: Cluster-GCN, each step the union of `partitions_per_batch`
+    # METIS partitions of about `partition_size` nodes, streamed from partition-ordered shards.
+    joint_sampler: str = "full"
+    partition_size: int = 1000
+    partitions_per_batch: int = 4
+    partition_method: str = "metis"  # metis | random
+    partitions_per_shard: int = 8
+    inference_batch_size: int = 4096  # nodes per chunk in layer-wise full-graph inference
+    # None: whatever `accelerate launch` / its config says (no, fp16, bf16).
+    mixed_precision: str | None = None
+    gradient_accumulation_steps: int = 1  # pretraining micro-batches per optimiser step
 
 
 @dataclass
@@ -215,10 +242,30 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.local_layer={model.local_layer} must be in 1..{n_layers}")
     if not 0.0 <= model.delta <= 1.0:
         raise ConfigError(f"model.delta={model.delta} must be in [0, 1]")
-    if config.graph.k < 1:
-        raise ConfigError(f"graph.k={config.graph.k} must be at least 1")
+    graph = config.graph
+    if graph.k < 1:
+        raise ConfigError(f"graph.k={graph.k} must be at least 1")
+    if graph.index not in ("auto", "flat", "ivf", "ivfpq"):
+        raise ConfigError(f"graph.index={graph.index!r} must be one of auto, flat, ivf, ivfpq")
+    for key in ("exact_max_n", "ivf_max_n", "nlist", "pq_m", "train_sample", "recall_queries", "seed"):
+        if getattr(graph, key) < 0:
+            raise ConfigError(f"graph.{key}={getattr(graph, key)} must be >= 0")
+    if graph.nprobe < 1:
+        raise ConfigError(f"graph.nprobe={graph.nprobe} must be at least 1")
     if config.n_clusters is not None and config.n_clusters < 2:
         raise ConfigError(f"n_clusters={config.n_clusters} must be at least 2")
+    train = config.train
+    if train.joint_sampler not in ("full", "cluster"):
+        raise ConfigError(f"train.joint_sampler={train.joint_sampler!r} must be 'full' or 'cluster'")
+    if train.partition_method not in ("metis", "random"):
+        raise ConfigError(f"train.partition_method={train.partition_method!r} must be 'metis' or 'random'")
+    if train.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision={train.mixed_precision!r} must be no, fp16 or bf16")
+    for key in ("partition_size", "partitions_per_batch", "partitions_per_shard", "inference_batch_size",
+                "gradient_accumulation_steps", "keep_checkpoints", "checkpoint_every", "eval_every",
+                "pretrain_batch_size"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
     for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight"):
         if getattr(config.loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0")

@@ -8,14 +8,16 @@ Each can be rerun alone; training calls them only for artifacts that are missing
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from sddecc_dist.config import GraphConfig
 from sddecc_dist.data import load_all, load_source, read_manifest, write_shards
-from sddecc_dist.graph import GraphError, build_graph, load_graph, save_graph
+from sddecc_dist.graph import GraphError, IndexParams, build_graph, build_graph_sharded, load_graph, save_graph
 from sddecc_dist.utils import console
 
 
@@ -48,39 +50,110 @@ def graph_path(data_dir: str | Path, k: int) -> Path:
     return Path(data_dir) / f"graph-k{k}.pt"
 
 
+def index_params(graph: GraphConfig) -> IndexParams:
+    """The FAISS index settings of a run's `graph:` config section."""
+    return IndexParams(**{f.name: getattr(graph, f.name) for f in dataclasses.fields(IndexParams)})
+
+
+def _check_artifact(path: Path, data_dir: Path, manifest: dict, k: int, fingerprint: str) -> torch.Tensor:
+    adjacency, meta = load_graph(path)
+    if meta.get("n") != manifest["count"] or meta.get("dataset_fingerprint") != fingerprint:
+        raise GraphError(
+            f"graph artifact {path} was built for other shards (n={meta.get('n')}, "
+            f"fingerprint {str(meta.get('dataset_fingerprint'))[:12]}) than those in "
+            f"{data_dir} (n={manifest['count']}, fingerprint {fingerprint[:12]}); "
+            f"rebuild it with: sddecc graph {data_dir} --k {k} --rebuild"
+        )
+    return adjacency
+
+
 def ensure_graph(
     data_dir: str | Path,
     k: int,
     images: torch.Tensor | None = None,
     use_gpu: bool | None = None,
     rebuild: bool = False,
+    *,
+    params: IndexParams | None = None,
+    sharded: bool = False,
+    group=None,
 ) -> torch.Tensor:
     """Load the kNN graph artifact, or build it over raw pixels and save it.
 
     An artifact built from other shards (count or checksums differ) is an error, not silently
-    reused: rebuild it with `sddecc graph --rebuild`."""
+    reused: rebuild it with `sddecc graph --rebuild`. `params` chooses the FAISS index (default:
+    exact up to 100000 samples). With `sharded=True` every rank of the torch.distributed
+    `group` (None: the default group) must call this: they build the graph together from
+    their shares of the shards (`images` is not used), rank 0 writes it, and every rank
+    returns it."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     path = graph_path(data_dir, k)
     fingerprint = manifest_fingerprint(manifest)
+    # every rank decides here, before rank 0 can have written anything, so all agree
     if path.exists() and not rebuild:
-        adjacency, meta = load_graph(path)
-        if meta.get("n") != manifest["count"] or meta.get("dataset_fingerprint") != fingerprint:
-            raise GraphError(
-                f"graph artifact {path} was built for other shards (n={meta.get('n')}, "
-                f"fingerprint {str(meta.get('dataset_fingerprint'))[:12]}) than those in "
-                f"{data_dir} (n={manifest['count']}, fingerprint {fingerprint[:12]}); "
-                f"rebuild it with: sddecc graph {data_dir} --k {k} --rebuild"
-            )
-        return adjacency
+        return _check_artifact(path, data_dir, manifest, k, fingerprint)
+    if sharded:
+        import torch.distributed as dist
+
+        adjacency, neighbors, meta = build_graph_sharded(data_dir, k, params, use_gpu=use_gpu, group=group)
+        error = None
+        if adjacency is not None:  # rank 0
+            try:
+                _save(path, adjacency, neighbors, meta, fingerprint)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = exc
+        # doubles as the barrier: no rank reads the artifact before rank 0 has written it
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, group=group, group_src=0)
+        if error is not None:
+            raise error
+        if status[0] is not None:
+            raise GraphError(f"rank 0 could not write the graph artifact {path}: {status[0]}")
+        return adjacency if adjacency is not None else _check_artifact(path, data_dir, manifest, k, fingerprint)
     if images is None:
         images, _ = load_all(data_dir, manifest)
     features = images.flatten(1).numpy()
-    adjacency, neighbors, meta = build_graph(features, k, use_gpu=use_gpu)
+    adjacency, neighbors, meta = build_graph(features, k, use_gpu=use_gpu, params=params)
+    _save(path, adjacency, neighbors, meta, fingerprint)
+    return adjacency
+
+
+def _save(path: Path, adjacency: torch.Tensor, neighbors, meta: dict, fingerprint: str) -> None:
     meta.update(dataset_fingerprint=fingerprint, features="raw pixels scaled to [0, 1]")
     save_graph(path, adjacency, neighbors, meta)
+    recall = meta["recall_method"] if meta["recall"] is None or meta["recall_method"] == "exact" \
+        else f"recall@{meta['k']} {meta['recall']:.4f}"
+    ranks = f" on {meta['world_size']} ranks ({meta['dist_backend']})" if meta["world_size"] > 1 else ""
     console.log(
-        f"built kNN graph k={k} over {meta['n']} samples with {meta['backend']} in "
-        f"{meta['seconds']:.1f}s -> {path}"
+        f"built kNN graph k={meta['k']} over {meta['n']} samples with {meta['backend']} "
+        f"{meta['index']} ({recall}){ranks} in {meta['seconds']:.1f}s -> {path}"
     )
-    return adjacency
+
+
+def partitioned_dir(data_dir: str | Path, k: int, n_parts: int) -> Path:
+    return Path(data_dir) / f"partitioned-k{k}-p{n_parts}"
+
+
+def ensure_partitioned_shards(
+    data_dir: str | Path, k: int, n_parts: int, method: str = "metis", partitions_per_shard: int = 8,
+    seed: int = 0,
+) -> Path:
+    """The partition stage: METIS partitions of the kNN graph (`partitions-k{k}-p{P}.npz`) and
+    the shards rewritten in partition order (`partitioned-k{k}-p{P}/`), each built if missing and
+    checked against the shards and graph they came from. Returns the partitioned folder."""
+    from sddecc_dist.data import partition_fingerprint, read_partitioned_manifest, write_partitioned_shards
+    from sddecc_dist.graph import ensure_partitions
+
+    data_dir = Path(data_dir)
+    parts, meta = ensure_partitions(data_dir, k, n_parts, method=method, seed=seed)
+    out = partitioned_dir(data_dir, k, n_parts)
+    source = manifest_fingerprint(read_manifest(data_dir))
+    if (out / "dataset.json").exists():
+        read_partitioned_manifest(out, source_fingerprint=source, partition_fingerprint=partition_fingerprint(parts))
+        return out
+    manifest = write_partitioned_shards(data_dir, parts, out, partitions_per_shard, seed=seed, parts_meta=meta)
+    console.log(f"partitioned {manifest['count']} samples into {n_parts} {method} partitions "
+                f"({meta['inside_edge_fraction']:.3f} of edges inside) in {len(manifest['shards'])} "
+                f"shard(s) -> {out}")
+    return out

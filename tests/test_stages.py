@@ -42,3 +42,12 @@ def test_graph_of_other_shards_is_refused(tmp_path):
     with pytest.raises(GraphError, match=r"graph-k3.pt was built for other shards.*--rebuild"):
         ensure_graph(tmp_path, k=3)
     ensure_graph(tmp_path, k=3, rebuild=True)  # the documented way out
+
+
+def test_graph_of_another_sample_count_is_refused(tmp_path):
+    prepare_dataset("digits", tmp_path)
+    ensure_graph(tmp_path, k=3)
+    np.savez(tmp_path / "fewer.npz", x=np.random.default_rng(1).random((1000, 8, 8)).astype(np.float32))
+    prepare_dataset(str(tmp_path / "fewer.npz"), tmp_path)
+    with pytest.raises(GraphError, match=r"graph-k3.pt was built for other shards \(n=1797.*\(n=1000"):
+        ensure_graph(tmp_path, k=3)

@@ -1,5 +1,13 @@
-"""Data layer: raw dataset readers and webdataset shards."""
+"""Data layer: raw dataset readers, webdataset shards and their partition-ordered form."""
 
+from .partitioned import (
+    partition_fingerprint,
+    rank_shards,
+    read_partitioned_manifest,
+    steps_per_epoch,
+    stream_subgraphs,
+    write_partitioned_shards,
+)
 from .shards import load_all, read_manifest, sample_pipeline, shard_urls, stream_batches, verify_shards, write_shards
 from .sources import DATASET_FILES, DataError, RawDataset, load_source
 
@@ -9,10 +17,16 @@ __all__ = [
     "RawDataset",
     "load_all",
     "load_source",
+    "partition_fingerprint",
+    "rank_shards",
     "read_manifest",
+    "read_partitioned_manifest",
     "sample_pipeline",
     "shard_urls",
+    "steps_per_epoch",
     "stream_batches",
+    "stream_subgraphs",
     "verify_shards",
+    "write_partitioned_shards",
     "write_shards",
 ]

@@ -134,19 +134,46 @@ def sample_pipeline(urls: list[str], value_range: tuple[float, float] | list[flo
 
 
 def stream_batches(data_dir: str | Path, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
-                   manifest: dict | None = None) -> Iterator[Batch]:
+                   manifest: dict | None = None, rank: int = 0, world_size: int = 1,
+                   steps: int | None = None) -> Iterator[Batch]:
     """Batches (index LongTensor, images FloatTensor (B,C,H,W) in [0,1], labels LongTensor, -1 if none).
 
-    Yields every sample once (last batch may be partial) and, at the end, checks each index
-    was seen, so a truncated shard cannot silently shorten an epoch.
+    One process (`steps` None): every sample once (the last batch may be partial) and, at the
+    end, a check that each index was seen, so a truncated shard cannot silently shorten an epoch.
+
+    Several processes: rank r streams only shards r, r + R, ... and yields exactly `steps` full
+    batches, reading its shards again from the start if it runs out (when shards are uneven),
+    so that every rank takes the same number of optimiser steps and none waits in a collective.
     """
     manifest = manifest if manifest is not None else read_manifest(data_dir)
-    pipeline = sample_pipeline(shard_urls(data_dir, manifest), manifest["value_range"], shuffle_buffer, seed)
-    seen = np.zeros(manifest["count"], dtype=bool)
-    for batch in pipeline.batched(batch_size, collation_fn=_collate, partial=True):
-        _mark_seen(seen, batch[0].tolist(), manifest, data_dir)
-        yield batch
-    _check_complete(seen, manifest, data_dir)
+    if steps is None:
+        if world_size != 1:
+            raise ValueError("stream_batches on several ranks needs `steps` (equal on every rank)")
+        pipeline = sample_pipeline(shard_urls(data_dir, manifest), manifest["value_range"], shuffle_buffer, seed)
+        seen = np.zeros(manifest["count"], dtype=bool)
+        for batch in pipeline.batched(batch_size, collation_fn=_collate, partial=True):
+            _mark_seen(seen, batch[0].tolist(), manifest, data_dir)
+            yield batch
+        _check_complete(seen, manifest, data_dir)
+        return
+    from .partitioned import rank_shards  # the one rule for which rank reads which shard
+
+    urls = shard_urls(data_dir, manifest)
+    own = [urls[i] for i in rank_shards(manifest, rank, world_size)]
+    produced, round_ = 0, 0
+    while produced < steps:
+        # Each pass over the rank's shards gets its own seed, so a repeated pass reshuffles.
+        pipeline = sample_pipeline(own, manifest["value_range"], shuffle_buffer, seed * 1009 + round_)
+        before = produced
+        for batch in pipeline.batched(batch_size, collation_fn=_collate, partial=False):
+            yield batch
+            produced += 1
+            if produced == steps:
+                return
+        if produced == before:
+            raise DataError(f"rank {rank} of {world_size} cannot form one batch of {batch_size} from its "
+                            f"shards of {data_dir}; use a smaller batch or fewer processes")
+        round_ += 1
 
 
 def load_all(data_dir: str | Path, manifest: dict | None = None,

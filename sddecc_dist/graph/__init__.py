@@ -1,14 +1,53 @@
-"""kNN graph construction for the GCN branch of SDDECC."""
+"""kNN graph construction for the GCN branch of SDDECC, and its partitions for Cluster-GCN."""
 
-from .adjacency import build_graph, load_graph, normalized_adjacency, save_graph
-from .knn import GraphError, knn_search, resolve_use_gpu
+from .adjacency import (
+    build_graph,
+    load_graph,
+    load_neighbors,
+    normalized_adjacency,
+    renormalize,
+    save_graph,
+    symmetric_adjacency,
+)
+from .distributed import assign_shards, build_graph_sharded
+from .knn import INDEX_TYPES, GraphError, IndexParams, knn_graph, knn_search, resolve_use_gpu
+from .partition import (
+    PARTITION_METHODS,
+    ensure_partitions,
+    graph_fingerprint,
+    induced_adjacency,
+    inside_edge_fraction,
+    load_partitions,
+    partition_graph,
+    partition_path,
+    partition_stats,
+    save_partitions,
+)
 
 __all__ = [
+    "INDEX_TYPES",
+    "PARTITION_METHODS",
     "GraphError",
+    "IndexParams",
+    "assign_shards",
     "build_graph",
+    "build_graph_sharded",
+    "ensure_partitions",
+    "graph_fingerprint",
+    "induced_adjacency",
+    "inside_edge_fraction",
+    "knn_graph",
     "knn_search",
     "load_graph",
+    "load_neighbors",
+    "load_partitions",
     "normalized_adjacency",
+    "partition_graph",
+    "partition_path",
+    "partition_stats",
+    "renormalize",
     "resolve_use_gpu",
     "save_graph",
+    "save_partitions",
+    "symmetric_adjacency",
 ]

@@ -17,25 +17,28 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .knn import GraphError, knn_search, resolve_use_gpu
+from .knn import GraphError, IndexParams, knn_graph, resolve_use_gpu
 
 # torch prints a "sparse CSR support is in beta" warning on the first CSR tensor; the
 # operations used here (construction, sparse.mm with gradients to the dense side) are tested.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-__all__ = ["normalized_adjacency", "save_graph", "load_graph", "build_graph"]
+__all__ = [
+    "normalized_adjacency", "symmetric_adjacency", "renormalize", "save_graph", "load_graph", "load_neighbors",
+    "build_graph",
+]
 
 _FORMAT_VERSION = 1
 
 
-def normalized_adjacency(neighbors: np.ndarray, n_nodes: int) -> torch.Tensor:
-    """Return D^-1/2 (A + I) D^-1/2 as a float32 torch sparse CSR tensor.
+def symmetric_adjacency(neighbors: np.ndarray, n_nodes: int) -> sp.csr_matrix:
+    """Return the unweighted, symmetrised kNN graph A = max(A, A^T) without self loops.
 
     ``neighbors[i]`` lists the kNN of node i. A_ij = 1 when either node lists
-    the other (A = max(A, A^T), so mutual neighbours are not counted twice);
-    self-edges in ``neighbors`` are ignored so that the diagonal of A + I is
-    exactly 1. D holds the row sums of A + I (always >= 1, so no division by
-    zero).
+    the other, so mutual neighbours are not counted twice and a neighbour
+    listed twice in one row still weighs 1; self-edges are dropped. This is
+    the graph that both the GCN normalisation and the METIS partitioning see,
+    built from edge lists in O(N k) memory (float32 ones, sorted indices).
     """
     nbrs = np.asarray(neighbors)
     if nbrs.ndim != 2:
@@ -52,36 +55,62 @@ def normalized_adjacency(neighbors: np.ndarray, n_nodes: int) -> torch.Tensor:
     off_diagonal = rows != cols
     rows, cols = rows[off_diagonal], cols[off_diagonal]
 
-    adj = sp.csr_matrix((np.ones(rows.size, dtype=np.float64), (rows, cols)), shape=(n_nodes, n_nodes))
+    adj = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n_nodes, n_nodes))
     adj.data[:] = 1.0  # a neighbour listed twice in one row must still weigh 1
-    adj = adj.maximum(adj.T) + sp.identity(n_nodes, dtype=np.float64, format="csr")
-    adj = sp.csr_matrix(adj)
+    adj = sp.csr_matrix(adj.maximum(adj.T))
     adj.sort_indices()
+    return adj
 
+
+def normalized_adjacency(neighbors: np.ndarray, n_nodes: int) -> torch.Tensor:
+    """Return D^-1/2 (A + I) D^-1/2 as a float32 torch sparse CSR tensor.
+
+    A is ``symmetric_adjacency(neighbors, n_nodes)`` (symmetrised, unweighted,
+    self-edges ignored) so that the diagonal of A + I is exactly 1. D holds the
+    row sums of A + I (always >= 1, so no division by zero).
+    """
+    adj = symmetric_adjacency(neighbors, n_nodes)
+    return renormalize(adj + sp.identity(n_nodes, dtype=np.float64, format="csr"))
+
+
+def renormalize(adj_with_self_loops: sp.spmatrix) -> torch.Tensor:
+    """D^-1/2 M D^-1/2 of a symmetric sparse M (already holding its self loops) as a float32
+    torch CSR tensor, with D the row sums of M computed in float64.
+
+    Shared by the full graph (``normalized_adjacency``) and Cluster-GCN subgraphs
+    (``induced_adjacency``), so both give bit-identical values on the same graph.
+    """
+    adj = sp.csr_matrix(adj_with_self_loops, dtype=np.float64)
+    adj.sort_indices()
+    n_rows, n_cols = adj.shape
     inv_sqrt_degree = 1.0 / np.sqrt(np.asarray(adj.sum(axis=1)).ravel())
-    row_of_entry = np.repeat(np.arange(n_nodes), np.diff(adj.indptr))
+    row_of_entry = np.repeat(np.arange(n_rows), np.diff(adj.indptr))
     values = adj.data * inv_sqrt_degree[row_of_entry] * inv_sqrt_degree[adj.indices]
 
     return torch.sparse_csr_tensor(
         torch.from_numpy(adj.indptr.astype(np.int64)),
         torch.from_numpy(adj.indices.astype(np.int64)),
         torch.from_numpy(values.astype(np.float32)),
-        size=(n_nodes, n_nodes),
+        size=(n_rows, n_cols),
         dtype=torch.float32,
         check_invariants=False,  # built sorted and consistent by scipy above; the check costs O(nnz)
     )
 
 
-def build_graph(features: np.ndarray, k: int, use_gpu: bool | None = None) -> tuple[torch.Tensor, np.ndarray, dict]:
+def build_graph(
+    features: np.ndarray, k: int, use_gpu: bool | None = None, params: IndexParams | None = None
+) -> tuple[torch.Tensor, np.ndarray, dict]:
     """Run the kNN search and normalisation in one step.
 
     Returns ``(adjacency, neighbors, meta)`` where meta records what is needed
     to tell whether a cached graph still matches a run: k, n, metric,
-    n_edges (stored nonzeros, self-loops included), seconds and backend.
+    n_edges (stored nonzeros, self-loops included), seconds and backend, and how the
+    graph was searched: the index and its parameters (``knn_graph``), recall@k and
+    how it was measured, and world_size 1 (a sharded build records its own).
     """
     start = time.perf_counter()
     on_gpu = resolve_use_gpu(use_gpu)
-    _, neighbors = knn_search(features, k, use_gpu=on_gpu)
+    _, neighbors, info = knn_graph(features, k, params, use_gpu=on_gpu)
     adjacency = normalized_adjacency(neighbors, neighbors.shape[0])
     meta = {
         "k": int(k),
@@ -90,6 +119,8 @@ def build_graph(features: np.ndarray, k: int, use_gpu: bool | None = None) -> tu
         "n_edges": int(adjacency.values().numel()),
         "seconds": time.perf_counter() - start,
         "backend": "faiss-gpu" if on_gpu else "faiss-cpu",
+        **info,
+        "world_size": 1,
     }
     return adjacency, neighbors, meta
 
@@ -142,6 +173,35 @@ def load_graph(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     fails here with the file name, not later inside a sparse matmul.
     """
     path = os.fspath(path)
+    payload = _read_payload(path)
+    n_rows, n_cols = payload["shape"]
+    try:
+        adjacency = torch.sparse_csr_tensor(
+            payload["crow_indices"],
+            payload["col_indices"],
+            payload["values"],
+            size=(n_rows, n_cols),
+            dtype=torch.float32,
+            check_invariants=True,
+        )
+    except RuntimeError as exc:
+        raise GraphError(f"graph file {path!r} is corrupt: {exc}") from exc
+    return adjacency, payload["meta"]
+
+
+def load_neighbors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read the (N, k) int64 kNN lists and meta of a file written by ``save_graph``.
+
+    Subgraph training (Cluster-GCN) needs the unnormalised graph, which the
+    neighbour lists give exactly; the stored adjacency is already normalised.
+    """
+    path = os.fspath(path)
+    payload = _read_payload(path)
+    return payload["neighbors"].numpy(), payload["meta"]
+
+
+def _read_payload(path: str) -> dict:
+    """torch.load a graph file and check its keys, format version, field types and shapes."""
     if not os.path.isfile(path):
         raise GraphError(f"graph file {path!r} does not exist")
     try:
@@ -163,18 +223,7 @@ def load_graph(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     shape_ok = isinstance(shape, tuple) and len(shape) == 2 and shape[0] == shape[1]
     if not (tensors_ok and shape_ok and isinstance(payload["meta"], dict)):
         raise GraphError(f"graph file {path!r} is corrupt: unexpected field types or shape {shape!r}")
-    n_rows, n_cols = shape
+    n_rows = shape[0]
     if payload["neighbors"].ndim != 2 or payload["neighbors"].shape[0] != n_rows:
         raise GraphError(f"graph file {path!r} is corrupt: neighbors do not match the {n_rows}-node adjacency")
-    try:
-        adjacency = torch.sparse_csr_tensor(
-            payload["crow_indices"],
-            payload["col_indices"],
-            payload["values"],
-            size=(n_rows, n_cols),
-            dtype=torch.float32,
-            check_invariants=True,
-        )
-    except RuntimeError as exc:
-        raise GraphError(f"graph file {path!r} is corrupt: {exc}") from exc
-    return adjacency, payload["meta"]
+    return payload

@@ -1,24 +1,92 @@
-"""Exact k-nearest-neighbour search with FAISS.
+"""k-nearest-neighbour search with FAISS: exact for small sets, IVF for large ones.
 
-The SDDECC graph is built once from the autoencoder features, so we use an
-exact ``IndexFlatL2`` search: it is fast enough on a GPU (and acceptable on a
-CPU) and avoids the recall loss of approximate indexes, which would make the
-graph depend on index tuning.
+The SDDECC graph is built once from the images. Up to ``exact_max_n`` samples an
+exact ``IndexFlatL2`` search is used: it is fast enough at that size (MNIST's 70000 x
+784 takes about a minute on one CPU core) and the graph does not depend on index
+tuning. Above it an inverted-file index (IVF-Flat, or IVF-PQ for very large sets)
+makes the search sub-quadratic; its recall@k against exact search is measured on a
+random sample of queries and returned with the neighbours, so every graph records
+how approximate it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 
-__all__ = ["GraphError", "knn_search", "resolve_use_gpu"]
+__all__ = [
+    "INDEX_TYPES",
+    "GraphError",
+    "IndexParams",
+    "build_index",
+    "knn_graph",
+    "knn_search",
+    "measure_recall",
+    "recall_sample",
+    "resolve_index",
+    "resolve_use_gpu",
+    "search_index",
+]
 
-# FAISS GPU brute-force search cannot select more than this many neighbours.
+# FAISS GPU search cannot select more than this many neighbours.
 _GPU_MAX_K = 2048
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
+# IVF-PQ distances are approximate: we fetch this many times k+1 candidates and re-rank
+# them with exact distances from the raw vectors, which the caller holds anyway.
+_PQ_RERANK_FACTOR = 4
+# Squared distances within this relative tolerance of the exact k-th distance count as
+# hits in recall@k: FAISS computes them by different formulas in different indexes, and
+# two points at (almost) the same distance are equally good neighbours.
+_RECALL_RTOL = 1e-4
 
 
 class GraphError(ValueError):
     """Invalid input to, or unreadable output of, the graph construction."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How the kNN index is chosen and tuned. ``GraphConfig`` holds the same fields.
+
+    index: ``auto`` picks ``flat`` (exact) for N <= exact_max_n, ``ivf`` (IVF-Flat) for
+        N <= ivf_max_n, else ``ivfpq`` (IVF with product-quantised vectors, 8 bits per code).
+    nlist: inverted lists; 0 -> round(4 sqrt(n)), n the vectors in the index (a rank's
+        share in a sharded build).
+    nprobe: lists visited per query; more is slower and closer to exact.
+    pq_m: bytes per vector in IVF-PQ, must divide the dimension; 0 -> the largest
+        divisor of d that is <= min(64, d // 4) (at least 4x compression).
+    train_sample: vectors the IVF (and PQ) training sees; 0 -> min(n, max(64 nlist, 16384)).
+    recall_queries: random queries on which recall@k against exact search is measured
+        for approximate indexes (0 skips the measurement).
+    seed: seeds the training sample and the recall queries.
+    """
+
+    index: str = "auto"
+    exact_max_n: int = 100_000
+    ivf_max_n: int = 10_000_000
+    nlist: int = 0
+    nprobe: int = 16
+    pq_m: int = 0
+    train_sample: int = 0
+    recall_queries: int = 1000
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.index not in INDEX_TYPES:
+            raise GraphError(f"index={self.index!r} is not one of {', '.join(INDEX_TYPES)}")
+        for name in ("exact_max_n", "ivf_max_n", "nlist", "pq_m", "train_sample", "recall_queries", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise GraphError(f"{name}={value!r} must be an integer >= 0")
+        if isinstance(self.nprobe, bool) or not isinstance(self.nprobe, (int, np.integer)) or self.nprobe < 1:
+            raise GraphError(f"nprobe={self.nprobe!r} must be an integer >= 1")
+
+    def replace(self, **changes) -> IndexParams:
+        return dataclasses.replace(self, **changes)
 
 
 def resolve_use_gpu(use_gpu: bool | None) -> bool:
@@ -38,6 +106,37 @@ def resolve_use_gpu(use_gpu: bool | None) -> bool:
             f"{n_gpus}); install faiss-gpu on a GPU machine or pass use_gpu=None/False"
         )
     return bool(use_gpu)
+
+
+def resolve_index(params: IndexParams, n_total: int, n_index: int, d: int) -> dict:
+    """The concrete index for a search: type from the total sample count ``n_total``,
+    sizes from the ``n_index`` vectors it will hold (they differ in a sharded build).
+
+    Returns a JSON-like dict (it goes into the graph metadata): ``index`` and, for IVF,
+    ``nlist``, ``nprobe``, ``train_sample``, and ``pq_m`` for IVF-PQ.
+    """
+    params.check()
+    kind = params.index
+    if kind == "auto":
+        kind = "flat" if n_total <= params.exact_max_n else "ivf" if n_total <= params.ivf_max_n else "ivfpq"
+    if kind == "flat":
+        return {"index": "flat"}
+    nlist = params.nlist or max(1, round(4 * math.sqrt(n_index)))
+    train = min(n_index, params.train_sample or max(64 * nlist, 16384))
+    if nlist > train:
+        raise GraphError(
+            f"nlist={nlist} inverted lists need at least as many training vectors, but only "
+            f"{train} are available (train_sample={params.train_sample}, {n_index} vectors in the index)"
+        )
+    spec = {"index": kind, "nlist": int(nlist), "nprobe": int(min(params.nprobe, nlist)), "train_sample": int(train)}
+    if kind == "ivfpq":
+        pq_m = params.pq_m or max(m for m in range(1, max(1, min(64, d // 4)) + 1) if d % m == 0)
+        if d % pq_m:
+            raise GraphError(f"pq_m={pq_m} must divide the feature dimension d={d}")
+        if train < 256:  # 8-bit codes: 256 centroids per sub-quantizer
+            raise GraphError(f"IVF-PQ needs at least 256 training vectors, got {train}")
+        spec["pq_m"] = int(pq_m)
+    return spec
 
 
 def _validated_features(features: np.ndarray, k: int, query_batch: int) -> np.ndarray:
@@ -88,40 +187,163 @@ def _drop_self(distances: np.ndarray, indices: np.ndarray, row_ids: np.ndarray) 
     )
 
 
-def knn_search(
+def _to_gpu(cpu_index: faiss.Index, gpu_device: int | None) -> faiss.Index:
+    """Copy an index to one GPU (``gpu_device``) or shard it over all GPUs (None).
+
+    Sharding (not FAISS's default replication) splits the vectors between the GPUs, so
+    a database larger than one GPU's memory fits; FAISS searches every shard and merges.
+    """
+    if gpu_device is None and faiss.get_num_gpus() > 1:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, 0 if gpu_device is None else gpu_device, cpu_index)
+    gpu_index.referenced_objects = [resources]  # the resources must outlive the index
+    return gpu_index
+
+
+def build_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None = None) -> faiss.Index:
+    """Train (for IVF) and fill the index described by ``spec`` (see ``resolve_index``)."""
+    n, d = x.shape
+    try:
+        if spec["index"] == "flat":
+            index = faiss.IndexFlatL2(d)
+            if on_gpu:
+                index = _to_gpu(index, gpu_device)
+            index.add(x)
+            return index
+        quantizer = faiss.IndexFlatL2(d)
+        if spec["index"] == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, spec["nlist"])
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, spec["nlist"], spec["pq_m"], 8)
+        if on_gpu:  # k-means for the coarse quantizer on the GPU, the usual FAISS recipe
+            index.clustering_index = _to_gpu(faiss.IndexFlatL2(d), gpu_device)
+        rng = np.random.default_rng(spec.get("seed", 0))
+        sample = np.sort(rng.choice(n, size=spec["train_sample"], replace=False))
+        index.train(x[sample])
+        index.nprobe = spec["nprobe"]
+        if on_gpu:
+            index = _to_gpu(index, gpu_device)
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", spec["nprobe"])
+        index.add(x)
+        return index
+    except RuntimeError as exc:  # FAISS reports bad sizes (e.g. GPU PQ limits) this way
+        raise GraphError(f"FAISS could not build the {spec} index over {n} x {d} vectors: {exc}") from exc
+
+
+def search_index(
+    index: faiss.Index, spec: dict, x_db: np.ndarray, queries: np.ndarray, n_results: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_results`` nearest rows of ``x_db`` (held by ``index``) for each query.
+
+    Returns exact squared L2 distances, ascending, and row numbers of ``x_db``. IVF-PQ
+    candidates are re-ranked with exact distances from ``x_db``. A query that IVF finds
+    fewer than ``n_results`` vectors for (the lists it probes are small) is searched
+    exactly instead, so every row is complete; ``x_db`` must hold >= n_results rows.
+    """
+    n_search = n_results * _PQ_RERANK_FACTOR if spec["index"] == "ivfpq" else n_results
+    n_search = min(n_search, x_db.shape[0])
+    distances, ids = index.search(queries, n_search)
+    if spec["index"] == "ivfpq":
+        distances, ids = _exact_rerank(x_db, queries, ids, n_results)
+    incomplete = np.flatnonzero((ids < 0).any(axis=1))
+    if incomplete.size:
+        distances[incomplete], ids[incomplete] = faiss.knn(queries[incomplete], x_db, n_results)
+    return distances, ids
+
+
+def _exact_rerank(x_db: np.ndarray, queries: np.ndarray, ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact distances to candidate rows ``ids`` (-1: none), the ``keep`` nearest first."""
+    n, n_cand = ids.shape
+    distances = np.empty((n, n_cand), dtype=np.float32)
+    rows = max(1, (64 << 20) // (4 * n_cand * x_db.shape[1]))  # ~64 MB of gathered vectors at a time
+    for start in range(0, n, rows):
+        block = ids[start : start + rows]
+        diff = x_db[np.maximum(block, 0)] - queries[start : start + rows, None, :]
+        distances[start : start + rows] = np.einsum("ijk,ijk->ij", diff, diff)
+    distances[ids < 0] = np.inf
+    order = np.argsort(distances, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def recall_sample(n: int, n_queries: int, seed: int) -> np.ndarray:
+    """The sorted query rows on which recall is measured (the same in every build of N rows)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n_queries, n), replace=False))
+
+
+def measure_recall(approx_distances: np.ndarray, exact_distances: np.ndarray) -> float:
+    """recall@k of neighbour lists given their distances, rows aligned with the exact ones.
+
+    A returned neighbour is a hit when it is no farther than the exact k-th neighbour
+    (within ``_RECALL_RTOL``): with ties at the k-th distance, index sets are not unique,
+    but a neighbour as close as the true k-th one is as good as it.
+    """
+    kth = exact_distances[:, -1:].astype(np.float64)
+    hits = approx_distances <= kth + _RECALL_RTOL * np.abs(kth) + 1e-12
+    return float(hits.mean()) if hits.size else 1.0
+
+
+def knn_graph(
     features: np.ndarray,
     k: int,
+    params: IndexParams | None = None,
     use_gpu: bool | None = None,
     query_batch: int = 16384,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact L2 kNN of every row of ``features`` among all rows, self excluded.
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """L2 kNN of every row of ``features`` among all rows, self excluded.
 
-    Returns ``(distances, neighbors)``: squared L2 distances, shape (N, k),
-    float32, ascending per row; and neighbour row indices, shape (N, k),
-    int64. Queries run in blocks of ``query_batch`` rows so the (block, k+1)
-    result buffers, not (N, k+1) temporaries inside FAISS, bound the peak
-    memory of a single search call.
+    Returns ``(distances, neighbors, info)``: squared L2 distances, shape (N, k),
+    float32, ascending per row; neighbour row indices, shape (N, k), int64; and a
+    JSON-like dict describing the index (``resolve_index``) plus ``recall`` (1.0 for
+    exact search) and ``recall_method`` ("exact", "measured on Q random queries" or
+    "not measured"). Queries run in blocks of ``query_batch`` rows so the (block, k+1)
+    result buffers, not (N, k+1) temporaries inside FAISS, bound the peak memory of a
+    single search call. Several GPUs hold shards of the index (FAISS IndexShards).
     """
+    params = params or IndexParams()
     x = _validated_features(features, k, query_batch)
     on_gpu = resolve_use_gpu(use_gpu)
     if on_gpu and k + 1 > _GPU_MAX_K:
         raise GraphError(f"k={k} is too large for FAISS GPU search (k+1 must be <= {_GPU_MAX_K})")
 
     n, d = x.shape
-    index = faiss.IndexFlatL2(d)
-    if on_gpu:
-        if faiss.get_num_gpus() == 1:
-            gpu_resources = faiss.StandardGpuResources()  # must outlive the GPU index
-            index = faiss.index_cpu_to_gpu(gpu_resources, 0, index)
-        else:
-            index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
+    spec = resolve_index(params, n, n, d)
+    index = build_index(x, {**spec, "seed": params.seed}, on_gpu)
 
     distances = np.empty((n, k), dtype=np.float32)
     neighbors = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, query_batch):
         stop = min(start + query_batch, n)
-        block_d, block_i = index.search(x[start:stop], k + 1)
+        block_d, block_i = search_index(index, spec, x, x[start:stop], k + 1)
         row_ids = np.arange(start, stop, dtype=np.int64)
         distances[start:stop], neighbors[start:stop] = _drop_self(block_d, block_i, row_ids)
+
+    info = dict(spec)
+    if spec["index"] == "flat":
+        info.update(recall=1.0, recall_method="exact")
+    elif params.recall_queries == 0:
+        info.update(recall=None, recall_method="not measured")
+    else:
+        rows = recall_sample(n, params.recall_queries, params.seed)
+        exact_d, exact_i = faiss.knn(x[rows], x, k + 1)
+        exact_d, _ = _drop_self(exact_d, exact_i, rows)
+        info.update(recall=measure_recall(distances[rows], exact_d),
+                    recall_method=f"measured on {rows.size} random queries")
+    return distances, neighbors, info
+
+
+def knn_search(
+    features: np.ndarray,
+    k: int,
+    use_gpu: bool | None = None,
+    query_batch: int = 16384,
+    params: IndexParams | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``knn_graph`` without the index description: ``(distances, neighbors)``.
+
+    With the default ``params`` the search is exact up to 100000 samples.
+    """
+    distances, neighbors, _ = knn_graph(features, k, params, use_gpu, query_batch)
     return distances, neighbors

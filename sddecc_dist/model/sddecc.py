@@ -80,8 +80,12 @@ class SDDECC(nn.Module):
             return torch.softmax(self.cluster_head(encoded.mean), dim=1)
         if adjacency is None:
             raise ValueError("the GCN needs the normalised adjacency of the samples it is given")
-        representations = [f.flatten(1) for f in encoded.features] + [encoded.mean]
-        return self.gcn(x.flatten(1), representations, adjacency)
+        return self.gcn(x.flatten(1), self.gcn_representations(encoded), adjacency)
+
+    @staticmethod
+    def gcn_representations(encoded: EncoderOutput) -> list[torch.Tensor]:
+        """Z^(1..L+1) for the GCN: each flattened encoder feature map, then the code mean."""
+        return [f.flatten(1) for f in encoded.features] + [encoded.mean]
 
     def ddecn_losses(
         self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig
@@ -127,34 +131,44 @@ class SDDECC(nn.Module):
         adjacency: torch.Tensor | None,
         aux_index: torch.Tensor,
         loss_config: LossConfig,
+        loss_index: torch.Tensor | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
-        """Eq. 19 on a graph batch: the clustering KL over every node of `x`, reconstruction and
-        MI on the nodes `aux_index` (a random subset: an unbiased estimate that keeps the
-        decoder and discriminators off the full batch). Returns the terms and Y (detached)."""
+        """Eq. 19 on a graph batch: the clustering KL over the nodes `loss_index` of `x` (all
+        when None), reconstruction and MI on the nodes `aux_index` (a random subset: an
+        unbiased estimate that keeps the decoder and discriminators off the full batch).
+        Every node of `x` goes through the encoder and GCN. Returns the terms and Y (detached)."""
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        aux = EncoderOutput([f[aux_index] for f in encoded.features],
-                            encoded.mean[aux_index], encoded.logvar[aux_index])
-        terms = self.ddecn_losses(x[aux_index], aux, loss_config)
-        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config))
+        terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
+        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
-        self, x: torch.Tensor, adjacency: torch.Tensor | None, loss_config: LossConfig
+        self,
+        x: torch.Tensor,
+        adjacency: torch.Tensor | None,
+        loss_config: LossConfig,
+        loss_index: torch.Tensor | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Clustering KL with the DDECN frozen: only the GCN (or head) learns. Lets Y approach
         the mixture posterior of the pretrained codes before Y is allowed to move them."""
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config)
+        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index)
         return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
     def _cluster_terms(
-        encoded: EncoderOutput, y: torch.Tensor, centers: torch.Tensor, loss_config: LossConfig
+        encoded: EncoderOutput,
+        y: torch.Tensor,
+        centers: torch.Tensor,
+        loss_config: LossConfig,
+        loss_index: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Eq. 18 and the cluster-balance term, each only when switched on."""
+        """Eq. 18 and the cluster-balance term over the nodes `loss_index`, each only when on."""
+        if loss_index is not None:
+            encoded, y = _rows(encoded, loss_index), y[loss_index]
         terms = {}
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
             terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers)
@@ -174,3 +188,8 @@ class SDDECC(nn.Module):
         }
         total = sum(weights[name] * value for name, value in terms.items())
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})
+
+
+def _rows(encoded: EncoderOutput, index: torch.Tensor) -> EncoderOutput:
+    """The encoder output of the nodes `index` only."""
+    return EncoderOutput([f[index] for f in encoded.features], encoded.mean[index], encoded.logvar[index])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def _graph(args) -> None:
             dist.destroy_process_group()
 
 
+def _partition(args) -> None:
+    """METIS partitions of the kNN graph and the shards rewritten in partition order (the
+    artifacts the Cluster-GCN sampler streams); the training run builds them itself if missing."""
+    from sddecc_dist.graph import ensure_partitions
+    from sddecc_dist.stages import ensure_partitioned_shards, partitioned_dir
+
+    if args.rebuild:  # both artifacts go: the shards are tied to the partition they were made from
+        ensure_partitions(args.data_dir, args.k, args.parts, args.method, args.seed, rebuild=True)
+        shutil.rmtree(partitioned_dir(args.data_dir, args.k, args.parts), ignore_errors=True)
+    out = ensure_partitioned_shards(args.data_dir, args.k, args.parts, args.method,
+                                    args.partitions_per_shard, seed=args.seed)
+    print(out)
+
+
 def _evaluate(args) -> None:
     """Score a run's assignments file against the labels in a prepared data folder."""
     import numpy as np
@@ -118,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--backend", choices=["gloo", "nccl"],
                        help="torch.distributed backend when WORLD_SIZE > 1 (default: nccl if CUDA, else gloo)")
     graph.set_defaults(func=_graph)
+
+    partition = commands.add_parser("partition", help="partition the kNN graph and write partition-ordered shards")
+    partition.add_argument("data_dir")
+    partition.add_argument("--k", type=int, default=3)
+    partition.add_argument("--parts", type=int, required=True,
+                           help="number of partitions (training uses ceil(N / train.partition_size))")
+    partition.add_argument("--method", default="metis", choices=["metis", "random"])
+    partition.add_argument("--partitions-per-shard", type=int, default=8)
+    partition.add_argument("--seed", type=int, default=0, help="the run's seed (training uses its own)")
+    partition.add_argument("--rebuild", action="store_true", help="replace existing artifacts")
+    partition.set_defaults(func=_partition)
 
     train = commands.add_parser("train", help="pretrain and jointly train SDDECC")
     add_train_arguments(train)

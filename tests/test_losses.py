@@ -144,3 +144,21 @@ def test_marginal_balance_kl_closed_form():
     marginal = y.mean(0)
     expected = (marginal * (marginal * k).log()).sum()
     assert losses.marginal_balance_kl(y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_marginal_balance_kl_with_a_running_marginal():
+    # A batch that holds one cluster only (one graph partition) is not penalised as if the
+    # data were unbalanced: with share s its marginal moves the running estimate by s.
+    k, s = 4, 0.25
+    running = torch.full((k,), 1.0 / k)
+    y = torch.zeros(8, k)
+    y[:, 0] = 1.0
+    mixed = (1 - s) * running + s * y.mean(0)
+    expected = (mixed * torch.log(mixed * k)).sum()
+    value = losses.marginal_balance_kl(y, running, s)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert value.item() < 0.1 * losses.marginal_balance_kl(y).item()  # log K without the estimate
+    # the gradient reaches the batch only, scaled by its share
+    y = y.clone().requires_grad_(True)
+    losses.marginal_balance_kl(y, running.requires_grad_(True), s).backward()
+    assert running.grad is None and y.grad.abs().sum() > 0

@@ -172,7 +172,7 @@ def test_partition_artifact_is_built_once_and_records_its_origin(digits_dir: Pat
     again, _ = ensure_partitions(digits_dir, 3, N_PARTS)  # loads, does not rebuild
     np.testing.assert_array_equal(again, parts)
     assert path.stat().st_mtime_ns == mtime
-    with pytest.raises(GraphError, match=r"made with method 'metis'.*rebuild=True"):
+    with pytest.raises(GraphError, match=r"made with method 'metis'.*--rebuild"):
         ensure_partitions(digits_dir, 3, N_PARTS, method="random")
 
 
@@ -185,13 +185,13 @@ def test_stale_partition_artifact_is_refused(tmp_path: Path) -> None:
     other = load_neighbors(graph_path(tmp_path, 3))[0].copy()
     other[:, 0] = (other[:, 0] + 1) % N_DIGITS
     save_graph(graph_path(tmp_path, 3), adjacency, other, meta)
-    with pytest.raises(GraphError, match=r"partitions-k3-p10.npz was built from another graph.*rebuild=True\)"):
+    with pytest.raises(GraphError, match=r"partitions-k3-p10.npz was built from another graph.*sddecc partition .* --rebuild"):
         ensure_partitions(tmp_path, 3, 10)
     # other shards in the same folder, with their graph rebuilt
     np.savez(tmp_path / "other.npz", x=np.random.default_rng(0).random((N_DIGITS, 8, 8)).astype(np.float32))
     prepare_dataset(str(tmp_path / "other.npz"), tmp_path, samples_per_shard=400)
     ensure_graph(tmp_path, 3, rebuild=True)
-    with pytest.raises(GraphError, match=r"built from another dataset.*ensure_partitions\(.*rebuild=True\)"):
+    with pytest.raises(GraphError, match=r"built from another dataset.*sddecc partition .* --rebuild"):
         ensure_partitions(tmp_path, 3, 10)
     parts, _ = ensure_partitions(tmp_path, 3, 10, rebuild=True)  # the documented way out
     assert np.bincount(parts).size == 10
@@ -332,3 +332,19 @@ def test_unlabelled_data_streams_labels_none(tmp_path: Path) -> None:
     assert sorted(indices.tolist()) == list(range(120))
     images, labels = load_all(data_dir)
     assert labels is None and torch.equal(torch.cat([b[1] for b in batches]), images[indices])
+
+
+def test_partition_command_writes_and_rebuilds_both_artifacts(tmp_path, capsys):
+    from sddecc_dist.cli import main
+
+    prepare_dataset("digits", tmp_path, samples_per_shard=400)
+    assert main(["partition", str(tmp_path), "--parts", "12", "--partitions-per-shard", "4"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    manifest = read_partitioned_manifest(out)
+    assert manifest["count"] == 1797 and len(manifest["shards"]) == 3
+    assert (tmp_path / "partitions-k3-p12.npz").is_file()
+    # another method over the same artifact is refused, naming the command that rebuilds it
+    assert main(["partition", str(tmp_path), "--parts", "12", "--method", "random"]) == 2
+    assert "sddecc partition" in capsys.readouterr().err.replace("\n", "")
+    assert main(["partition", str(tmp_path), "--parts", "12", "--method", "random", "--rebuild"]) == 0
+    assert read_partitioned_manifest(out)["partitioned"]["method"] == "random"

@@ -8,7 +8,16 @@ from .partitioned import (
     stream_subgraphs,
     write_partitioned_shards,
 )
-from .shards import load_all, read_manifest, sample_pipeline, shard_urls, stream_batches, verify_shards, write_shards
+from .shards import (
+    load_all,
+    read_manifest,
+    sample_pipeline,
+    shard_urls,
+    stream_batches,
+    stream_share,
+    verify_shards,
+    write_shards,
+)
 from .sources import DATASET_FILES, DataError, RawDataset, load_source
 
 __all__ = [
@@ -25,6 +34,7 @@ __all__ = [
     "shard_urls",
     "steps_per_epoch",
     "stream_batches",
+    "stream_share",
     "stream_subgraphs",
     "verify_shards",
     "write_partitioned_shards",

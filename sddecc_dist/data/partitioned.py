@@ -240,8 +240,8 @@ def read_partitioned_manifest(part_dir: str | Path, *, source_fingerprint: str |
         listed.extend(ids)
     if sorted(listed) != list(range(section["n_parts"])):
         raise DataError(f"manifest {path}: shards must list each partition 0..{section['n_parts'] - 1} exactly once")
-    redo = (f"; rewrite them with write_partitioned_shards({section.get('source_dir', '<data_dir>')!r}, parts, "
-            f"{str(part_dir)!r}, {section['partitions_per_shard']})")
+    redo = (f"; rebuild them with: sddecc partition {section.get('source_dir', '<data_dir>')} --k "
+            f"{section.get('k', '<k>')} --parts {section['n_parts']} --rebuild")
     for key, expected in (("source_fingerprint", source_fingerprint), ("partition_fingerprint", partition_fingerprint)):
         if expected is not None and section[key] != expected:
             raise DataError(f"partitioned shards in {part_dir} were made from another "

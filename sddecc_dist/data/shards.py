@@ -176,6 +176,18 @@ def stream_batches(data_dir: str | Path, batch_size: int, shuffle_buffer: int = 
         round_ += 1
 
 
+def stream_share(data_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
+                 manifest: dict | None = None) -> Iterator[Batch]:
+    """Rank r's share of the samples (shards r, r + R, ...), in stored order, in batches (the
+    last may be partial): for passes over every node, such as inference, without shuffling."""
+    from .partitioned import rank_shards  # the one rule for which rank reads which shard
+
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    urls = shard_urls(data_dir, manifest)
+    pipeline = sample_pipeline([urls[i] for i in rank_shards(manifest, rank, world_size)], manifest["value_range"])
+    yield from pipeline.batched(batch_size, collation_fn=_collate, partial=True)
+
+
 def load_all(data_dir: str | Path, manifest: dict | None = None,
              verify: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every sample, ordered by global index: images (N,C,H,W) float32 in [0,1], labels (N,) or None.

@@ -261,8 +261,7 @@ def ensure_partitions(
     neighbors, _ = load_neighbors(graph_path(data_dir, k))
     graph_fp = graph_fingerprint(neighbors)
     path = partition_path(data_dir, k, n_parts)
-    hint = (f"sddecc_dist.graph.ensure_partitions({str(data_dir)!r}, k={k}, n_parts={n_parts}, "
-            f"method={method!r}, seed={seed}, rebuild=True)")
+    hint = f"sddecc partition {data_dir} --k {k} --parts {n_parts} --method {method} --seed {seed} --rebuild"
     if path.exists() and not rebuild:
         parts, meta = load_partitions(path, dataset_fingerprint=fingerprint, graph_fingerprint=graph_fp,
                                       rebuild_hint=hint)

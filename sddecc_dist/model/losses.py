@@ -61,11 +61,21 @@ def clustering_kl(
     return ((y * per_cluster_kl).sum(1) + categorical_kl).mean()
 
 
-def marginal_balance_kl(y: torch.Tensor) -> torch.Tensor:
-    """KL(mean_i Y_i || uniform): zero when clusters are used equally, log K when one takes all.
+def marginal_balance_kl(
+    y: torch.Tensor, running_marginal: torch.Tensor | None = None, batch_share: float = 1.0
+) -> torch.Tensor:
+    """KL(marginal || uniform): zero when clusters are used equally, log K when one takes all.
 
     Eq. 18's per-sample KL(Y_i || uniform) softens each row but does not stop a cluster from
     emptying; this term states the paper's purpose for a uniform q(y) ("so that the classes
-    are balanced") at the level of the cluster marginal."""
+    are balanced") at the level of the cluster marginal.
+
+    Full batch: the marginal is mean_i Y_i over every node. Minibatch: a Cluster-GCN step
+    covers a few graph partitions, which hold few clusters, and must not be asked to be
+    balanced by itself; the marginal is then (1 - s) · running + s · mean_batch Y, with
+    `running_marginal` a detached estimate over the data and s = `batch_share` (the batch's
+    share of the data), so the batch moves the data's marginal by its own weight."""
     marginal = y.mean(0)
+    if running_marginal is not None:
+        marginal = (1 - batch_share) * running_marginal.detach() + batch_share * marginal
     return (marginal * (torch.log(marginal.clamp_min(1e-12)) + math.log(y.shape[1]))).sum()

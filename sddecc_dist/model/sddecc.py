@@ -132,6 +132,7 @@ class SDDECC(nn.Module):
         aux_index: torch.Tensor,
         loss_config: LossConfig,
         loss_index: torch.Tensor | None = None,
+        running_marginal: tuple[torch.Tensor, float] | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Eq. 19 on a graph batch: the clustering KL over the nodes `loss_index` of `x` (all
         when None), reconstruction and MI on the nodes `aux_index` (a random subset: an
@@ -140,7 +141,7 @@ class SDDECC(nn.Module):
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
-        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index))
+        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index, running_marginal))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -149,13 +150,14 @@ class SDDECC(nn.Module):
         adjacency: torch.Tensor | None,
         loss_config: LossConfig,
         loss_index: torch.Tensor | None = None,
+        running_marginal: tuple[torch.Tensor, float] | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Clustering KL with the DDECN frozen: only the GCN (or head) learns. Lets Y approach
         the mixture posterior of the pretrained codes before Y is allowed to move them."""
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index)
+        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index, running_marginal)
         return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
@@ -165,15 +167,18 @@ class SDDECC(nn.Module):
         centers: torch.Tensor,
         loss_config: LossConfig,
         loss_index: torch.Tensor | None,
+        running_marginal: tuple[torch.Tensor, float] | None,
     ) -> dict[str, torch.Tensor]:
-        """Eq. 18 and the cluster-balance term over the nodes `loss_index`, each only when on."""
+        """Eq. 18 and the cluster-balance term over the nodes `loss_index`, each only when on.
+        `running_marginal`: (estimate of the data's cluster marginal, this batch's share of the
+        data) for minibatches (see losses.marginal_balance_kl)."""
         if loss_index is not None:
             encoded, y = _rows(encoded, loss_index), y[loss_index]
         terms = {}
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
             terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers)
         if loss_config.balance_weight > 0:
-            terms["balance"] = losses.marginal_balance_kl(y)
+            terms["balance"] = losses.marginal_balance_kl(y, *(running_marginal or ()))
         return terms
 
     @staticmethod

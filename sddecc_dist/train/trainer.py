@@ -48,10 +48,9 @@ from sddecc_dist.data import (
     rank_shards,
     read_manifest,
     read_partitioned_manifest,
-    sample_pipeline,
-    shard_urls,
     steps_per_epoch,
     stream_batches,
+    stream_share,
     stream_subgraphs,
 )
 from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency
@@ -170,7 +169,7 @@ class Run:
         `checkpoints.previous/` (so --resume cannot mix the two) and start a new log."""
         if self.is_main and (any(self.checkpoints.iterdir()) or (self.dir / "metrics.jsonl").exists()):
             log(f"[yellow]{self.dir} holds an earlier run: starting over, its checkpoints "
-                        f"moved to checkpoints.previous/ (use --resume to continue a run instead)")
+                f"moved to checkpoints.previous/ (use --resume to continue a run instead)")
             previous = self.dir / "checkpoints.previous"
             if previous.exists():
                 shutil.rmtree(previous)
@@ -222,7 +221,7 @@ class Run:
                 self.accelerator.load_state(str(folder))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log(f"[yellow]checkpoint {folder} is unreadable ({type(error).__name__}: "
-                            f"{error}); trying an older one")
+                    f"{error}); trying an older one")
                 continue
             position = Position(info.pop("phase"), info.pop("epoch"), info.pop("step"))
             log(f"resumed from {folder} ({position.phase}, epoch {position.epoch}, step {position.step})")
@@ -302,30 +301,18 @@ def _share_chunks(config: Config, manifest: dict, images: torch.Tensor | None, l
         lab = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
         return lambda: ((ids[i:i + size], images[ids[i:i + size]], lab[ids[i:i + size]])
                         for i in range(0, len(ids), size))
-    urls = shard_urls(config.data_dir, manifest)
-    own_urls = [urls[i] for i in own]
-
-    def stream():
-        pipeline = sample_pipeline(own_urls, manifest["value_range"])
-        for batch in pipeline.batched(size, collation_fn=_collate_chunk, partial=True):
-            yield batch
-    return stream
-
-
-def _collate_chunk(samples):
-    indices, images, labels = zip(*samples)
-    return torch.tensor(indices), torch.stack(images), torch.tensor(labels)
+    return lambda: stream_share(config.data_dir, size, rank, world_size, manifest)
 
 
 @torch.no_grad()
 def predict_layerwise(core: SDDECC, chunks: ChunkSource, adjacency: sp.csr_matrix, n: int,
-                      accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Y for this rank's share of the full graph, one GCN layer at a time.
 
     Per layer, each rank computes the row-wise part [(1-δ)H + δZ] W for its own nodes in
     chunks (re-running the encoder on the chunk for Z), the rows are gathered into one
     (N, width) matrix, and each rank multiplies its rows of Â with it. Only one layer's
-    activations exist at a time. Returns (ids, Y rows, labels) of this rank's share."""
+    activations exist at a time. Returns (ids, Y rows) of this rank's share."""
     was_training = core.training
     core.eval()
     device = accelerator.device
@@ -383,11 +370,9 @@ def _reset_moments(optimizer) -> None:
         inner.state.clear()
 
 
-def _set_centres(core: SDDECC, optimizer, centres: torch.Tensor) -> None:
-    with torch.no_grad():
-        core.centers.copy_(centres)
-    # DeepSpeed ZeRO keeps its own fp32 master copy of every parameter, which would overwrite
-    # the new centres at the next step: refresh it from the module's weights.
+def _sync_deepspeed_master(optimizer) -> None:
+    """DeepSpeed ZeRO keeps its own fp32 master copy of every parameter, which would overwrite
+    weights set directly on the module at the next step: refresh it from the module."""
     restore = getattr(getattr(optimizer, "optimizer", None), "_restore_from_bit16_weights", None)
     if restore is not None:
         restore()
@@ -447,7 +432,7 @@ def train(config: Config) -> dict:
     # The full-batch joint phase holds every image on every rank (small sets only).
     images, labels = load_all(config.data_dir, manifest) if full_batch else (None, None)
     log(f"{manifest['name']}: {n} samples {image_shape}, {n_clusters} clusters, "
-                f"{world} process(es) on {accelerator.device}, joint sampler {train_cfg.joint_sampler}")
+        f"{world} process(es) on {accelerator.device}, joint sampler {train_cfg.joint_sampler}")
 
     # 2. graph (and, for the cluster sampler, partitions) ----------------------------------
     adjacency = adjacency_sp = sym_adjacency = part_dir = None
@@ -490,6 +475,7 @@ def train(config: Config) -> dict:
     if train_cfg.init_from:
         state = torch.load(train_cfg.init_from, map_location="cpu", weights_only=False)
         core.load_state_dict(state["model"])
+        _sync_deepspeed_master(optimizer)
         position = Position("joint", 0, 0)
         log(f"pretrained model from {train_cfg.init_from}: pretraining skipped")
     if train_cfg.resume:
@@ -512,7 +498,7 @@ def train(config: Config) -> dict:
                 at = Position(phase, epoch, step + 1) if step + 1 < steps_in_epoch else Position(phase, epoch + 1, 0)
                 checkpoint(at)
                 log(f"[yellow]signal {signum}: saved {run.checkpoints / at.name}; exiting so the "
-                            f"job can be requeued (resume with train.resume=true)")
+                    f"job can be requeued (resume with train.resume=true)")
                 raise Preempted(128 + signum)
 
         # 4. pretraining -----------------------------------------------------------------------
@@ -529,26 +515,25 @@ def train(config: Config) -> dict:
                     seed=config.seed * 100003 + epoch, manifest=manifest, rank=rank, world_size=world, steps=steps,
                 )
                 _set_learning_rates(optimizer, train_cfg.pretrain_lr, 0.0)
-                if True:
-                    for step, (_, x, _) in enumerate(batches):
-                        if step < skip:  # resuming mid-epoch: the same seed gives the same order
-                            continue
-                        x = x.to(accelerator.device)
-                        with accelerator.accumulate(model):
-                            # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
-                            terms = model("pretrain", x, loss_config=loss_config)
-                            accelerator.backward(terms.total)
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        seen += len(x)
-                        for k, v in terms.parts.items():
-                            sums[k] = sums.get(k, 0.0) + v * len(x)
-                        progress.update(task, status=f"step {step + 1} {seen * world / (time.time() - epoch_start):.0f} samples/s")
-                        after_step("pretrain", epoch, step, steps_in_epoch)
+                for step, (_, x, _) in enumerate(batches):
+                    if step < skip:  # resuming mid-epoch: the same seed gives the same order
+                        continue
+                    x = x.to(accelerator.device)
+                    with accelerator.accumulate(model):
+                        # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
+                        terms = model("pretrain", x, loss_config=loss_config)
+                        accelerator.backward(terms.total)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    seen += len(x)
+                    for k, v in terms.parts.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(x)
+                    progress.update(task, status=f"step {step + 1} {seen * world / (time.time() - epoch_start):.0f} samples/s")
+                    after_step("pretrain", epoch, step, steps_in_epoch)
                 means = {k: v / max(seen, 1) for k, v in sums.items()}
                 progress.update(task, advance=1)
                 log(f"pretrain epoch {epoch + 1}/{train_cfg.pretrain_epochs} {_format(means)} "
-                            f"({seen * world / (time.time() - epoch_start):.0f} samples/s)")
+                    f"({seen * world / (time.time() - epoch_start):.0f} samples/s)")
                 run.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means})
                 if (epoch + 1) % train_cfg.checkpoint_every == 0 and epoch + 1 < train_cfg.pretrain_epochs:
                     checkpoint(Position("pretrain", epoch + 1, 0))
@@ -560,13 +545,14 @@ def train(config: Config) -> dict:
         # 5. centres from k-means on the pretrained codes (once; saved with the next checkpoint)
         if position == Position("joint", 0, 0) and not extra.get("centres_ready"):
             kmeans = _kmeans(core, chunks, adjacency, n, config, n_clusters, accelerator)
-            _set_centres(core, optimizer, broadcast(torch.from_numpy(kmeans.cluster_centers_).float()
-                                                    .to(accelerator.device)))
+            with torch.no_grad():
+                core.centers.copy_(broadcast(torch.from_numpy(kmeans.cluster_centers_).float().to(accelerator.device)))
+            _sync_deepspeed_master(optimizer)
             _reset_moments(optimizer)
             kmeans_scores = _score(kmeans.labels_, label_array)
             extra = {"centres_ready": True, "kmeans": kmeans_scores}
             log(f"k-means on pretrained codes (graph-smoothed "
-                        f"{train_cfg.center_init_smoothing if adjacency is not None else 0}x): {_format(kmeans_scores)}")
+                f"{train_cfg.center_init_smoothing if adjacency is not None else 0}x): {_format(kmeans_scores)}")
             run.log_metrics({"phase": "kmeans", "epoch": train_cfg.pretrain_epochs, **kmeans_scores})
             checkpoint(Position("joint", 0, 0))
 
@@ -578,6 +564,10 @@ def train(config: Config) -> dict:
             joint_steps = 1
         else:
             joint_steps = steps_per_epoch(part_manifest, train_cfg.partitions_per_batch, world)
+            # The data's cluster marginal, estimated over the steps (see marginal_balance_kl):
+            # starts uniform, saved with the checkpoints so that a resumed run continues it.
+            marginal = torch.tensor(extra.get("running_marginal") or [1.0 / n_clusters] * n_clusters,
+                                    device=accelerator.device)
         task = progress.add_task("joint", total=joint_epochs, completed=position.epoch, status="")
         for epoch in range(position.epoch, joint_epochs):
             epoch_start = time.time()
@@ -590,27 +580,33 @@ def train(config: Config) -> dict:
                 batches = stream_subgraphs(part_dir, train_cfg.partitions_per_batch, config.seed, epoch,
                                            rank, world, manifest=part_manifest)
             _set_learning_rates(optimizer, 0.0 if warm_up else train_cfg.joint_lr, train_cfg.head_lr)
-            if True:
-                for step in range(joint_steps):
-                    ids, x, _ = next(batches)
-                    if step < skip:
-                        continue
-                    if full_batch:
-                        x, graph, loss_index = x_all, adjacency, own_ids
-                    else:
-                        x, graph, loss_index = x.to(accelerator.device), induced_adjacency(sym_adjacency, ids), None
-                        graph = graph.to(accelerator.device)
-                    pool = loss_index if loss_index is not None else torch.arange(len(x), device=accelerator.device)
-                    aux_index = pool[torch.randperm(len(pool))[:train_cfg.joint_aux_batch_size].to(pool.device)]
-                    kwargs = {"adjacency": graph, "loss_config": loss_config, "loss_index": loss_index}
-                    if not warm_up:
-                        kwargs["aux_index"] = aux_index
-                    terms, y = model(phase, x, **kwargs)
-                    accelerator.backward(terms.total)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    progress.update(task, status=f"step {step + 1}/{joint_steps} {_format(terms.parts)}")
-                    after_step("joint", epoch, step, joint_steps)
+            for step in range(joint_steps):
+                ids, x, _ = next(batches)
+                if step < skip:
+                    continue
+                if full_batch:
+                    x, graph, loss_index = x_all, adjacency, own_ids
+                else:
+                    x, graph, loss_index = x.to(accelerator.device), induced_adjacency(sym_adjacency, ids), None
+                    graph = graph.to(accelerator.device)
+                pool = loss_index if loss_index is not None else torch.arange(len(x), device=accelerator.device)
+                aux_index = pool[torch.randperm(len(pool))[:train_cfg.joint_aux_batch_size].to(pool.device)]
+                kwargs = {"adjacency": graph, "loss_config": loss_config, "loss_index": loss_index}
+                if not full_batch:
+                    kwargs["running_marginal"] = (marginal, len(x) / n)
+                if not warm_up:
+                    kwargs["aux_index"] = aux_index
+                terms, y = model(phase, x, **kwargs)
+                accelerator.backward(terms.total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not full_batch:  # move the estimate by this step's nodes, over all ranks
+                    used = accelerator.reduce(torch.cat([y.sum(0), y.new_tensor([len(y)])]), reduction="sum")
+                    share = float(used[-1]) / n
+                    marginal = (1 - share) * marginal + share * used[:-1] / used[-1]
+                    extra["running_marginal"] = marginal.tolist()
+                progress.update(task, status=f"step {step + 1}/{joint_steps} {_format(terms.parts)}")
+                after_step("joint", epoch, step, joint_steps)
             progress.update(task, advance=1)
             if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == joint_epochs:
                 if full_batch:  # Y of this step was computed before the update: epoch `epoch`'s model
@@ -620,10 +616,14 @@ def train(config: Config) -> dict:
                 scores = _score(assignments, label_array)
                 rate = n / (time.time() - epoch_start)
                 log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
-                            f"({rate:.0f} samples/s)")
+                    f"({rate:.0f} samples/s)")
                 run.log_metrics({"phase": "joint", "epoch": epoch + 1, **terms.parts, **scores})
             if (epoch + 1) % train_cfg.checkpoint_every == 0 and epoch + 1 < joint_epochs:
                 checkpoint(Position("joint", epoch + 1, 0))
+
+    # Training's high-water mark, before the full-graph inference (which holds one layer's
+    # activations for all N): with the cluster sampler it should not grow with N beyond O(N·k).
+    training_peak = peak_memory_mib()
 
     # 7. final assignments: the last epoch's model, no label-based selection -------------------
     if joint_epochs > 0:
@@ -645,6 +645,7 @@ def train(config: Config) -> dict:
         "parameter_sha256_per_rank": digests,
         "seconds": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
+        "training_peak_memory_mib": round(training_peak, 1),
         "assignments": "assignments.txt",
     }
     checkpoint(Position("joint", joint_epochs, 0), done=True)

@@ -534,7 +534,8 @@ def train(config: Config) -> dict:
                 progress.update(task, advance=1)
                 log(f"pretrain epoch {epoch + 1}/{train_cfg.pretrain_epochs} {_format(means)} "
                     f"({seen * world / (time.time() - epoch_start):.0f} samples/s)")
-                run.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means})
+                run.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means,
+                                 "peak_memory_mib": round(peak_memory_mib(), 1)})
                 if (epoch + 1) % train_cfg.checkpoint_every == 0 and epoch + 1 < train_cfg.pretrain_epochs:
                     checkpoint(Position("pretrain", epoch + 1, 0))
             run.export_model("pretrain.pt", core, config, Position("pretrain", train_cfg.pretrain_epochs))
@@ -553,7 +554,8 @@ def train(config: Config) -> dict:
             extra = {"centres_ready": True, "kmeans": kmeans_scores}
             log(f"k-means on pretrained codes (graph-smoothed "
                 f"{train_cfg.center_init_smoothing if adjacency is not None else 0}x): {_format(kmeans_scores)}")
-            run.log_metrics({"phase": "kmeans", "epoch": train_cfg.pretrain_epochs, **kmeans_scores})
+            run.log_metrics({"phase": "kmeans", "epoch": train_cfg.pretrain_epochs, **kmeans_scores,
+                             "peak_memory_mib": round(peak_memory_mib(), 1)})
             checkpoint(Position("joint", 0, 0))
 
         # 6. joint training ----------------------------------------------------------------------
@@ -569,6 +571,7 @@ def train(config: Config) -> dict:
             marginal = torch.tensor(extra.get("running_marginal") or [1.0 / n_clusters] * n_clusters,
                                     device=accelerator.device)
         task = progress.add_task("joint", total=joint_epochs, completed=position.epoch, status="")
+        last_parts = {}
         for epoch in range(position.epoch, joint_epochs):
             epoch_start = time.time()
             warm_up = epoch < train_cfg.head_warmup_epochs
@@ -608,7 +611,11 @@ def train(config: Config) -> dict:
                 progress.update(task, status=f"step {step + 1}/{joint_steps} {_format(terms.parts)}")
                 after_step("joint", epoch, step, joint_steps)
             progress.update(task, advance=1)
-            if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == joint_epochs:
+            last_parts = {**terms.parts, "peak_memory_mib": round(peak_memory_mib(), 1)}
+            # With subgraphs, scoring needs a full-graph inference; the last epoch's is the
+            # final one below (so that training's memory peak is measured without it).
+            due = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == joint_epochs
+            if due and (full_batch or epoch + 1 < joint_epochs):
                 if full_batch:  # Y of this step was computed before the update: epoch `epoch`'s model
                     assignments = y.argmax(1).cpu().numpy()
                 else:
@@ -617,7 +624,7 @@ def train(config: Config) -> dict:
                 rate = n / (time.time() - epoch_start)
                 log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
                     f"({rate:.0f} samples/s)")
-                run.log_metrics({"phase": "joint", "epoch": epoch + 1, **terms.parts, **scores})
+                run.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores})
             if (epoch + 1) % train_cfg.checkpoint_every == 0 and epoch + 1 < joint_epochs:
                 checkpoint(Position("joint", epoch + 1, 0))
 
@@ -631,6 +638,9 @@ def train(config: Config) -> dict:
     else:  # ConvAE + k-means: the k-means assignments of step 5 are the result
         assignments = _kmeans(core, chunks, adjacency, n, config, n_clusters, accelerator).labels_
     scores = _score(assignments, label_array)
+    if joint_epochs > 0 and not full_batch and position.epoch < joint_epochs:
+        log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(last_parts)} {_format(scores)}")
+        run.log_metrics({"phase": "joint", "epoch": joint_epochs, **last_parts, **scores})
     # DDP / DeepSpeed keep replicas identical; recorded per rank so that tests and users can see it.
     flat = torch.cat([p.detach().float().flatten().cpu() for p in core.parameters()])
     digests = gather_object([hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]])

@@ -6,7 +6,7 @@ from sddecc_dist.config import load_config
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph, prepare_dataset
-from sddecc_dist.train.trainer import _make_accelerator, _share_chunks, _to_scipy, predict_layerwise
+from sddecc_dist.train.trainer import _make_accelerator, _share_chunks, _share_ids, _to_scipy, predict_layerwise
 
 
 def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
@@ -22,7 +22,9 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
     accelerator = _make_accelerator(config)
     for in_memory in (True, False):  # chunks sliced from memory, or streamed from the shards
         chunks = _share_chunks(config, manifest, images if in_memory else None, labels, 0, 1)
-        ids, y = predict_layerwise(model, chunks, _to_scipy(adjacency), len(images), accelerator)
+        ids = _share_ids(manifest, 0, 1)
         assert torch.equal(ids, torch.arange(len(images)))
+        assert torch.equal(torch.cat([c[0] for c in chunks()]), ids)  # chunks arrive in share order
+        y = predict_layerwise(model, chunks, ids, _to_scipy(adjacency), len(images), accelerator)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))

@@ -2,7 +2,6 @@
 
 from .partitioned import (
     partition_fingerprint,
-    rank_shards,
     read_partitioned_manifest,
     steps_per_epoch,
     stream_subgraphs,
@@ -10,8 +9,10 @@ from .partitioned import (
 )
 from .shards import (
     load_all,
+    rank_shards,
     read_manifest,
     sample_pipeline,
+    shard_indices,
     shard_urls,
     stream_batches,
     stream_share,
@@ -31,6 +32,7 @@ __all__ = [
     "read_manifest",
     "read_partitioned_manifest",
     "sample_pipeline",
+    "shard_indices",
     "shard_urls",
     "steps_per_epoch",
     "stream_batches",

@@ -40,6 +40,7 @@ from .shards import (
     _mark_seen,
     _sha256,
     _shard_error_handler,
+    rank_shards,
     read_manifest,
     shard_urls,
     verify_shards,
@@ -48,7 +49,6 @@ from .sources import DataError
 
 __all__ = [
     "partition_fingerprint",
-    "rank_shards",
     "read_partitioned_manifest",
     "steps_per_epoch",
     "stream_subgraphs",
@@ -248,19 +248,6 @@ def read_partitioned_manifest(part_dir: str | Path, *, source_fingerprint: str |
                             f"{'source' if key.startswith('source') else 'partition'} "
                             f"({key} {str(section[key])[:12]}, now {expected[:12]}){redo}")
     return manifest
-
-
-def rank_shards(manifest: dict, rank: int, world_size: int) -> list[int]:
-    """Positions in `manifest['shards']` that `rank` reads: rank, rank + R, ... (the one rule,
-    for plain and partition-ordered shards alike). A rank left without a shard is an error."""
-    n_shards = len(manifest["shards"])
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
-    if rank >= n_shards:
-        raise DataError(f"rank {rank} has no shard: the data has {n_shards} shard(s) for world_size {world_size}; "
-                        f"use at most {n_shards} ranks or write more, smaller shards (samples_per_shard, "
-                        "partitions_per_shard)")
-    return list(range(rank, n_shards, world_size))
 
 
 def steps_per_epoch(part_manifest: dict, partitions_per_batch: int, world_size: int) -> int:

@@ -118,6 +118,25 @@ def shard_urls(data_dir: str | Path, manifest: dict | None = None) -> list[str]:
     return [str(Path(data_dir).resolve() / shard["file"]) for shard in manifest["shards"]]
 
 
+def rank_shards(manifest: dict, rank: int, world_size: int) -> list[int]:
+    """Positions in `manifest['shards']` that `rank` reads: rank, rank + R, ... (the one rule,
+    for plain and partition-ordered shards alike). A rank left without a shard is an error."""
+    n_shards = len(manifest["shards"])
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
+    if rank >= n_shards:
+        raise DataError(f"rank {rank} has no shard: the data has {n_shards} shard(s) for world_size {world_size}; "
+                        f"use at most {n_shards} ranks or write more, smaller shards (samples_per_shard, "
+                        "partitions_per_shard)")
+    return list(range(rank, n_shards, world_size))
+
+
+def shard_indices(shards: list[dict]) -> np.ndarray:
+    """Global sample indices of the given (plain, not partition-ordered) shard entries, in the
+    order streaming them yields: shard by shard, each in index order."""
+    return np.concatenate([np.arange(s["first_index"], s["first_index"] + s["count"]) for s in shards])
+
+
 def sample_pipeline(urls: list[str], value_range: tuple[float, float] | list[float],
                     shuffle_buffer: int = 0, seed: int = 0) -> wds.WebDataset:
     """WebDataset yielding (index, image float32 (C,H,W) in [0,1], label or -1) per sample.
@@ -156,8 +175,6 @@ def stream_batches(data_dir: str | Path, batch_size: int, shuffle_buffer: int = 
             yield batch
         _check_complete(seen, manifest, data_dir)
         return
-    from .partitioned import rank_shards  # the one rule for which rank reads which shard
-
     urls = shard_urls(data_dir, manifest)
     own = [urls[i] for i in rank_shards(manifest, rank, world_size)]
     produced, round_ = 0, 0
@@ -180,8 +197,6 @@ def stream_share(data_dir: str | Path, batch_size: int, rank: int = 0, world_siz
                  manifest: dict | None = None) -> Iterator[Batch]:
     """Rank r's share of the samples (shards r, r + R, ...), in stored order, in batches (the
     last may be partial): for passes over every node, such as inference, without shuffling."""
-    from .partitioned import rank_shards  # the one rule for which rank reads which shard
-
     manifest = manifest if manifest is not None else read_manifest(data_dir)
     urls = shard_urls(data_dir, manifest)
     pipeline = sample_pipeline([urls[i] for i in rank_shards(manifest, rank, world_size)], manifest["value_range"])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sddecc_dist.data import read_manifest, sample_pipeline, shard_urls, verify_shards
+from sddecc_dist.data import read_manifest, sample_pipeline, shard_indices, shard_urls, verify_shards
 
 from .adjacency import normalized_adjacency
 from .knn import (
@@ -70,16 +70,11 @@ def assign_shards(manifest: dict, world_size: int, k: int, data_dir: str | Path 
     return plan
 
 
-def _share_ids(share: list[dict]) -> np.ndarray:
-    """Global sample indices (webdataset keys) of a share, in reading order."""
-    return np.concatenate([np.arange(s["first_index"], s["first_index"] + s["count"]) for s in share])
-
-
 def _read_share(data_dir: Path, manifest: dict, share: list[dict]) -> np.ndarray:
-    """This rank's samples as a float32 (m, d) matrix, rows ordered as ``_share_ids``."""
+    """This rank's samples as a float32 (m, d) matrix, rows ordered as ``shard_indices``."""
     own = {**manifest, "shards": share}
     verify_shards(data_dir, own)
-    ids = _share_ids(share)
+    ids = shard_indices(share)
     row_of = {int(index): row for row, index in enumerate(ids)}
     d = int(np.prod(manifest["image_shape"]))
     x = np.empty((len(ids), d), dtype=np.float32)
@@ -198,7 +193,7 @@ def build_graph_sharded(
     manifest = read_manifest(data_dir)
     plan = assign_shards(manifest, comm.world, k, data_dir)
     n, d = manifest["count"], int(np.prod(manifest["image_shape"]))
-    ids_of_rank = [_share_ids(share) for share in plan]
+    ids_of_rank = [shard_indices(share) for share in plan]
     specs = [resolve_index(params, n, len(ids), d) for ids in ids_of_rank]  # same on every rank
     on_gpu = resolve_use_gpu(use_gpu)
     if on_gpu and k + 1 > _GPU_MAX_K:

@@ -48,6 +48,7 @@ from sddecc_dist.data import (
     rank_shards,
     read_manifest,
     read_partitioned_manifest,
+    shard_indices,
     steps_per_epoch,
     stream_batches,
     stream_share,
@@ -289,15 +290,18 @@ def _rows_of(adjacency: sp.csr_matrix, ids: torch.Tensor) -> torch.Tensor:
 ChunkSource = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
+def _share_ids(manifest: dict, rank: int, world_size: int) -> torch.Tensor:
+    """Global ids of this rank's share of the nodes: the samples of its shards, in stream order."""
+    return torch.from_numpy(shard_indices([manifest["shards"][i] for i in rank_shards(manifest, rank, world_size)]))
+
+
 def _share_chunks(config: Config, manifest: dict, images: torch.Tensor | None, labels: torch.Tensor | None,
                   rank: int, world_size: int) -> ChunkSource:
-    """This rank's share of the nodes (the samples of its shards, in index order), in chunks of
-    (ids, images, labels): from memory when the images are loaded, else streamed from shards."""
-    own = rank_shards(manifest, rank, world_size)
+    """This rank's share of the nodes (`_share_ids`), in chunks of (ids, images, labels): from
+    memory when the images are loaded, else streamed from shards."""
     size = config.train.inference_batch_size
     if images is not None:
-        ids = torch.cat([torch.arange(s["first_index"], s["first_index"] + s["count"])
-                         for s in (manifest["shards"][i] for i in own)])
+        ids = _share_ids(manifest, rank, world_size)
         lab = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
         return lambda: ((ids[i:i + size], images[ids[i:i + size]], lab[ids[i:i + size]])
                         for i in range(0, len(ids), size))
@@ -305,28 +309,30 @@ def _share_chunks(config: Config, manifest: dict, images: torch.Tensor | None, l
 
 
 @torch.no_grad()
-def predict_layerwise(core: SDDECC, chunks: ChunkSource, adjacency: sp.csr_matrix, n: int,
-                      accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_layerwise(core: SDDECC, chunks: ChunkSource, ids: torch.Tensor, adjacency: sp.csr_matrix, n: int,
+                      accelerator: Accelerator) -> torch.Tensor:
     """Y for this rank's share of the full graph, one GCN layer at a time.
 
     Per layer, each rank computes the row-wise part [(1-δ)H + δZ] W for its own nodes in
     chunks (re-running the encoder on the chunk for Z), the rows are gathered into one
     (N, width) matrix, and each rank multiplies its rows of Â with it. Only one layer's
-    activations exist at a time. Returns (ids, Y rows) of this rank's share."""
+    activations exist at a time. `ids`: the share's node ids, in the order `chunks` yields
+    them (`_share_ids`). Returns Y for those rows."""
     was_training = core.training
     core.eval()
     device = accelerator.device
-    ids = torch.cat([c[0] for c in chunks()])
     if not core.use_gcn:  # ablations without the GCN: Y is row-wise, no graph
         y = torch.cat([core.cluster_probabilities(x, core.encode(x.to(device)), None) for _, x, _ in chunks()])
         core.train(was_training)
-        return ids, y
+        return y
     gcn = core.gcn
     own_rows = _rows_of(adjacency, ids).to(device)
     h = None
     for layer in range(gcn.n_layers):
         parts, offset = [], 0
         for chunk_ids, x, _ in chunks():
+            if not torch.equal(chunk_ids, ids[offset:offset + len(chunk_ids)]):
+                raise RuntimeError(f"the share's chunks arrive out of order at node {int(chunk_ids[0])}")
             x = x.to(device)
             z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
             h_chunk = h[offset:offset + len(chunk_ids)] if h is not None else None
@@ -336,25 +342,25 @@ def predict_layerwise(core: SDDECC, chunks: ChunkSource, adjacency: sp.csr_matri
         if layer < gcn.n_layers - 1:
             h = torch.relu(h)
     core.train(was_training)
-    return ids, torch.softmax(h, dim=1)
+    return torch.softmax(h, dim=1)
 
 
-def _assignments(core, chunks, adjacency, n, accelerator) -> np.ndarray:
+def _assignments(core, chunks, ids, adjacency, n, accelerator) -> np.ndarray:
     """argmax_j Y_ij of every node (Eq. 20), each rank predicting its share, on every rank."""
-    ids, y = predict_layerwise(core, chunks, adjacency, n, accelerator)
+    y = predict_layerwise(core, chunks, ids, adjacency, n, accelerator)
     return gather_rows(accelerator, ids, y.argmax(1).to(accelerator.device), n).cpu().numpy()
 
 
-def _labels(chunks: ChunkSource, n: int, accelerator: Accelerator) -> np.ndarray | None:
+def _labels(chunks: ChunkSource, ids: torch.Tensor, n: int, accelerator: Accelerator) -> np.ndarray | None:
     """Every node's label (only to score), gathered from the shares; None if unlabelled."""
-    ids, labels = zip(*((c[0], c[2]) for c in chunks()))
-    labels = gather_rows(accelerator, torch.cat(ids), torch.cat(labels).to(accelerator.device), n).cpu().numpy()
+    labels = torch.cat([c[2] for c in chunks()]).to(accelerator.device)
+    labels = gather_rows(accelerator, ids, labels, n).cpu().numpy()
     return labels if (labels >= 0).all() else None
 
 
-def _kmeans(core, chunks, adjacency, n, config: Config, n_clusters: int, accelerator) -> KMeans:
+def _kmeans(core, chunks, ids, adjacency, n, config: Config, n_clusters: int, accelerator) -> KMeans:
     """k-means (seeded: identical on every rank) on the mean codes smoothed over the graph."""
-    codes = _mean_codes(core, chunks, n, accelerator)
+    codes = _mean_codes(core, chunks, ids, n, accelerator)
     smoothing = config.train.center_init_smoothing if adjacency is not None else 0
     if smoothing:
         codes = smooth(adjacency, codes.to(accelerator.device), smoothing).cpu()
@@ -379,16 +385,13 @@ def _sync_deepspeed_master(optimizer) -> None:
 
 
 @torch.no_grad()
-def _mean_codes(core: SDDECC, chunks: ChunkSource, n: int, accelerator: Accelerator) -> torch.Tensor:
+def _mean_codes(core: SDDECC, chunks: ChunkSource, ids: torch.Tensor, n: int, accelerator: Accelerator) -> torch.Tensor:
     """Mean codes of every node (N, d) on every rank, each rank encoding its own share."""
     was_training = core.training
     core.eval()
-    ids, codes = [], []
-    for chunk_ids, x, _ in chunks():
-        ids.append(chunk_ids)
-        codes.append(core.encode(x.to(accelerator.device)).mean.float())
+    codes = torch.cat([core.encode(x.to(accelerator.device)).mean.float() for _, x, _ in chunks()])
     core.train(was_training)
-    return gather_rows(accelerator, torch.cat(ids), torch.cat(codes), n).cpu()
+    return gather_rows(accelerator, ids, codes, n).cpu()
 
 
 def _set_learning_rates(optimizer, ddecn_lr: float, head_lr: float) -> None:
@@ -456,7 +459,8 @@ def train(config: Config) -> dict:
     elif not full_batch:
         raise ConfigError("train.joint_sampler=cluster needs the GCN (model.use_gcn=true)")
     chunks = _share_chunks(config, manifest, images, labels, rank, world)
-    label_array = _labels(chunks, n, accelerator)
+    share_ids = _share_ids(manifest, rank, world)
+    label_array = _labels(chunks, share_ids, n, accelerator)
 
     # 3. model and one optimiser with two groups: DDECN + centres, and the head -------------
     model = SDDECC(image_shape, n_clusters, config.model)
@@ -545,7 +549,7 @@ def train(config: Config) -> dict:
 
         # 5. centres from k-means on the pretrained codes (once; saved with the next checkpoint)
         if position == Position("joint", 0, 0) and not extra.get("centres_ready"):
-            kmeans = _kmeans(core, chunks, adjacency, n, config, n_clusters, accelerator)
+            kmeans = _kmeans(core, chunks, share_ids, adjacency, n, config, n_clusters, accelerator)
             with torch.no_grad():
                 core.centers.copy_(broadcast(torch.from_numpy(kmeans.cluster_centers_).float().to(accelerator.device)))
             _sync_deepspeed_master(optimizer)
@@ -562,7 +566,7 @@ def train(config: Config) -> dict:
         joint_epochs = train_cfg.joint_epochs if loss_config.cluster_kl else 0
         if full_batch:
             x_all = images.to(accelerator.device)
-            own_ids = torch.cat([c[0] for c in chunks()]).to(accelerator.device)  # this rank's loss nodes
+            own_ids = share_ids.to(accelerator.device)  # this rank's loss nodes
             joint_steps = 1
         else:
             joint_steps = steps_per_epoch(part_manifest, train_cfg.partitions_per_batch, world)
@@ -619,7 +623,7 @@ def train(config: Config) -> dict:
                 if full_batch:  # Y of this step was computed before the update: epoch `epoch`'s model
                     assignments = y.argmax(1).cpu().numpy()
                 else:
-                    assignments = _assignments(core, chunks, adjacency_sp, n, accelerator)
+                    assignments = _assignments(core, chunks, share_ids, adjacency_sp, n, accelerator)
                 scores = _score(assignments, label_array)
                 rate = n / (time.time() - epoch_start)
                 log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
@@ -634,9 +638,9 @@ def train(config: Config) -> dict:
 
     # 7. final assignments: the last epoch's model, no label-based selection -------------------
     if joint_epochs > 0:
-        assignments = _assignments(core, chunks, adjacency_sp if adjacency is not None else None, n, accelerator)
+        assignments = _assignments(core, chunks, share_ids, adjacency_sp, n, accelerator)
     else:  # ConvAE + k-means: the k-means assignments of step 5 are the result
-        assignments = _kmeans(core, chunks, adjacency, n, config, n_clusters, accelerator).labels_
+        assignments = _kmeans(core, chunks, share_ids, adjacency, n, config, n_clusters, accelerator).labels_
     scores = _score(assignments, label_array)
     if joint_epochs > 0 and not full_batch and position.epoch < joint_epochs:
         log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(last_parts)} {_format(scores)}")

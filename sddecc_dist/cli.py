@@ -1,4 +1,5 @@
-"""`sddecc` command line: prepare, graph, train, evaluate."""
+"""`sddecc` command line: prepare, graph, partition, train, evaluate, and the reproduction
+mode: reproduce, report, baseline, plot."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from sddecc_dist.utils import console
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML config (see configs/); repeat it to stack files, later ones override "
+                             "(e.g. --config configs/paper/usps.yaml --config configs/ablations/convae.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. seed=1 output_dir=runs/x train.joint_epochs=50")
@@ -101,6 +104,43 @@ def _evaluate(args) -> None:
     print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))  # the result: stdout
 
 
+def _reproduce(args) -> None:
+    from sddecc_dist.reproduce import reproduce
+
+    reproduce(args.target, args.dataset, list(range(args.first_seed, args.first_seed + args.seeds)),
+              runs_dir=args.runs_dir, configs_dir=args.configs_dir, overrides=args.overrides,
+              launcher=args.launcher, dry_run=args.dry_run, base_config=args.config, only=args.only)
+
+
+def _report(args) -> None:
+    from sddecc_dist.report import report
+
+    text = report(args.runs, out=args.out, allow_unfinished=args.allow_unfinished)
+    if args.out is None:
+        print(text)
+    else:
+        console.log(f"report written to {args.out}")
+
+
+def _baseline(args) -> None:
+    from sddecc_dist.baselines import kmeans_on_pixels
+
+    kmeans_on_pixels(args.data_dir, args.out, seed=args.seed, n_init=args.n_init, n_clusters=args.n_clusters)
+
+
+def _plot(args) -> None:
+    from sddecc_dist.plots import embedding_tsne, lambda_heatmaps
+
+    if args.kind == "tsne":
+        for run_dir in args.runs:
+            path = embedding_tsne(run_dir, Path(args.out) / f"tsne_{Path(run_dir).name}.png",
+                                  n_samples=args.samples, seed=args.seed)
+            console.log(f"wrote {path}")
+    else:
+        for path in lambda_heatmaps(args.runs, Path(args.out)):
+            console.log(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sddecc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,7 +194,58 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data-dir", required=True)
     evaluate.set_defaults(func=_evaluate)
 
-    args = parser.parse_args(argv)
+    from sddecc_dist.reproduce import TARGETS
+
+    reproduce = commands.add_parser(
+        "reproduce", help="run (or resume) the runs of one of the paper's tables or figures and write it")
+    reproduce.add_argument("target", choices=TARGETS)
+    reproduce.add_argument("--dataset", required=True,
+                           help="usps, mnist or fashion-mnist (their configs/paper/ file), or any name with --config")
+    reproduce.add_argument("--config", help="base config instead of the dataset's configs/paper/ file")
+    reproduce.add_argument("--seeds", type=int, default=10, help="seeds per row (the paper: 10); fig6 uses the first")
+    reproduce.add_argument("--first-seed", type=int, default=0)
+    reproduce.add_argument("--runs-dir", default="runs/reproduce", help="run folders go to RUNS_DIR/DATASET/")
+    reproduce.add_argument("--configs-dir", default="configs", help="holds paper/ and ablations/")
+    reproduce.add_argument("--launcher", default="",
+                           help="command that starts each training run, e.g. 'accelerate launch --num_processes 2' "
+                                "(default: this python)")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
+    reproduce.add_argument("--only", nargs="+", metavar="VARIANT",
+                           help="run and report only these variants (e.g. kmeans_pixels ae_kmeans)")
+    reproduce.add_argument("overrides", nargs="*", metavar="key=value",
+                           help="config overrides for every run, e.g. data.from_dir=../shared/datasets/usps")
+    reproduce.set_defaults(func=_reproduce)
+
+    report = commands.add_parser("report", help="Markdown table of run folders beside the paper's numbers")
+    report.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+    report.add_argument("--out", help="write the Markdown here (default: print it)")
+    report.add_argument("--allow-unfinished", action="store_true",
+                        help="list runs without metrics.json under the table instead of failing")
+    report.set_defaults(func=_report)
+
+    baseline = commands.add_parser("baseline", help="the K-means-on-raw-pixels baseline as a run folder")
+    baseline.add_argument("data_dir")
+    baseline.add_argument("--out", required=True, help="run folder to write")
+    baseline.add_argument("--seed", type=int, default=0)
+    baseline.add_argument("--n-init", type=int, default=10)
+    baseline.add_argument("--n-clusters", type=int, help="default: the dataset's number of classes")
+    baseline.set_defaults(func=_baseline)
+
+    plot = commands.add_parser("plot", help="t-SNE of runs' embeddings (Fig. 6) or lambda heatmaps (Fig. 7)")
+    plot.add_argument("kind", choices=["tsne", "lambda"])
+    plot.add_argument("runs", nargs="+", help="run folders")
+    plot.add_argument("--out", required=True, help="folder for the PNG files")
+    plot.add_argument("--samples", type=int, default=2000, help="t-SNE: samples drawn from the dataset")
+    plot.add_argument("--seed", type=int, default=0)
+    plot.set_defaults(func=_plot)
+
+    args, extra = parser.parse_known_args(argv)
+    # `reproduce TARGET --dataset D ... key=value`: overrides after the options land here
+    # (argparse gives a positional list only one place to match).
+    if extra and args.command == "reproduce" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages

@@ -203,11 +203,18 @@ def config_from_dict(values: dict, origin: str = "dict") -> Config:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from defaults, then a YAML file, then `key=value` overrides."""
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Build a Config from defaults, then YAML files in order (a later file overrides the keys
+    it names: `configs/paper/usps.yaml` then `configs/ablations/convae.yaml`), then `key=value`
+    overrides."""
     config = Config()
-    if path is not None:
-        path = Path(path)
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -225,6 +232,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(config, nested, "", f"override '{text}'")
     validate(config)
     return config
+
+
+def method_name(config: Config) -> str:
+    """The paper's name for what a config trains (Table 4's rows): ConvAE, ConvAE+MI,
+    ConvAE+GCN or ConvAE+MI+GCN (= SDDECC); with no clustering head trained, k-means on the
+    codes: ConvAE+K-means (Table 3's "AE+K-means") or ConvAE+MI+K-means."""
+    loss = config.loss
+    name = "ConvAE"
+    if loss.mi_weight > 0 and (loss.global_mi or loss.local_mi):
+        name += "+MI"
+    if not loss.cluster_kl or config.train.joint_epochs == 0:
+        return name + "+K-means"
+    return name + "+GCN" if config.model.use_gcn else name
 
 
 def validate(config: Config) -> None:

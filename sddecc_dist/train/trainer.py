@@ -42,7 +42,7 @@ from accelerate.utils import (
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.cluster import KMeans
 
-from sddecc_dist.config import Config, ConfigError, to_dict
+from sddecc_dist.config import Config, ConfigError, method_name, to_dict
 from sddecc_dist.data import (
     load_all,
     rank_shards,
@@ -650,6 +650,9 @@ def train(config: Config) -> dict:
     digests = gather_object([hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]])
     result = {
         **scores,
+        "dataset": manifest["name"],
+        "method": method_name(config),
+        "seed": config.seed,
         "n_samples": n,
         "n_clusters": int(n_clusters),
         "n_used_clusters": int(len(np.unique(assignments))),

@@ -246,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "only", None):
+        # `--only VARIANT... key=value`: nargs="+" also takes the overrides after it; a variant
+        # name never holds "=", so those tokens are overrides.
+        args.overrides = [*args.overrides, *(o for o in args.only if "=" in o)]
+        args.only = [o for o in args.only if "=" not in o] or None
+        if args.only is None:
+            parser.error("--only needs at least one variant name before the key=value overrides")
     try:
         args.func(args)
     except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages

@@ -133,3 +133,17 @@ def test_reproduce_command_takes_overrides_after_its_options(tmp_path, capsys):
     assert main([*args, "train.no_such_key=1"]) == 2  # checked before anything runs
     captured = capsys.readouterr()
     assert "train.no_such_key" in captured.out + captured.err
+
+
+def test_reproduce_only_stops_at_the_overrides_after_it(tmp_path, capsys):
+    """`--only VARIANT key=value`: argparse's nargs="+" takes both; the override must still apply."""
+    from sddecc_dist.cli import main
+
+    args = ["reproduce", "table3", "--dataset", "usps", "--seeds", "1", "--runs-dir", str(tmp_path),
+            "--configs-dir", str(CONFIGS), "--dry-run", "--only", "ae_kmeans", "train.joint_epochs=7"]
+    assert main(args) == 0
+    out = "".join(capsys.readouterr())
+    assert "train.joint_epochs=7" in out and "ae_kmeans-s0" in out
+    assert "convae_mi_gcn-s0" not in out and "kmeans_pixels-s0" not in out
+    with pytest.raises(SystemExit):  # overrides but no variant
+        main(args[:-2] + ["train.joint_epochs=7"])

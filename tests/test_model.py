@@ -84,6 +84,24 @@ def test_loss_switches_select_terms():
         model("finetune", x)
 
 
+def test_code_is_sampled_only_when_the_prior_kl_fixes_its_variance():
+    """With the prior KL the decoder sees z ~ N(mean, exp(logvar)); without it, the mean alone
+    (a plain autoencoder: a free log-variance would drift and drown the code in noise)."""
+    torch.manual_seed(0)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        model.encoder.logvar_head.bias.fill_(30.0)  # std e^15: a sampled code is pure noise
+        mean = model.encode(x).mean
+        plain = LossConfig(mi_weight=0.0, prior_kl=False)
+        recon = model("pretrain", x, loss_config=plain).parts["recon"]
+        decoded_mean = 0.5 * (model.decoder(mean) - x).pow(2).sum() / len(x)
+        assert recon == pytest.approx(decoded_mean.item(), rel=1e-5)
+        assert recon == model("pretrain", x, loss_config=plain).parts["recon"]
+        variational = LossConfig(mi_weight=0.0)
+        assert model("pretrain", x, loss_config=variational).parts["recon"] > recon
+
+
 def test_joint_loss_weights_terms_as_equation_19():
     torch.manual_seed(0)
     n = 20

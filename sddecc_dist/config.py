@@ -75,6 +75,11 @@ class LossConfig:
     # KL(mean cluster usage || uniform), the balance the paper asks of q(y); 0 = Eq. 18 only.
     balance_weight: float = 0.0
 
+    @property
+    def uses_prior_kl(self) -> bool:
+        """Pretraining has the prior KL term; the code is sampled exactly then (docs/method.md)."""
+        return self.prior_kl and self.kl_weight > 0
+
 
 @dataclass
 class TrainConfig:

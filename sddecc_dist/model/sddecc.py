@@ -95,8 +95,7 @@ class SDDECC(nn.Module):
         # log-variance lets it drift up until the decoder sees only noise and saturates (MNIST's
         # AE+K-means: mean log-variance 41.7 after 2 epochs, reconstruction frozen). Such a model
         # is a plain autoencoder, as the paper's ConvAE and AE baselines are: decode the mean.
-        sample = loss_config.prior_kl and loss_config.kl_weight > 0
-        z = reparameterize(encoded.mean, encoded.logvar) if sample else encoded.mean
+        z = reparameterize(encoded.mean, encoded.logvar) if loss_config.uses_prior_kl else encoded.mean
         terms = {"recon": losses.reconstruction_loss(x, self.decoder(z))}
         if loss_config.mi_weight > 0 and loss_config.global_mi:
             top = encoded.features[-1]
@@ -126,7 +125,7 @@ class SDDECC(nn.Module):
         """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL."""
         encoded = self.encode(x)
         terms = self.ddecn_losses(x, encoded, loss_config)
-        if loss_config.prior_kl and loss_config.kl_weight > 0:
+        if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
         return self._weighted(terms, loss_config)
 

@@ -14,6 +14,7 @@ import torch
 from sddecc_dist.config import config_from_dict
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.metrics import clustering_scores
+from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph
 
@@ -36,6 +37,9 @@ def main() -> None:
         y = model.cluster_probabilities(images, encoded, adjacency)
         codes, centres = encoded.mean, model.centers
         posterior = torch.softmax(-0.5 * torch.cdist(codes, centres) ** 2, dim=1)
+        t = config.loss.cluster_code_smoothing if adjacency is not None else 0
+        # With loss.cluster_code_smoothing = t, Eq. 18 sees Â^t z: the posterior Y is trained towards.
+        smoothed_posterior = torch.softmax(-0.5 * torch.cdist(smooth(adjacency, codes, t), centres) ** 2, dim=1) if t else None
     spacing = torch.pdist(centres)
     print(f"code std per dimension (mean over dims): {codes.std(0).mean():.3f}; "
           f"posterior sigma (mean): {encoded.logvar.mul(0.5).exp().mean():.3f}")
@@ -45,7 +49,10 @@ def main() -> None:
     print(f"cluster marginal of Y: {[round(v, 3) for v in y.mean(0).tolist()]}; "
           f"clusters used by argmax Y: {len(y.argmax(1).unique())}")
     if labels is not None and (labels >= 0).all():
-        for name, p in (("Y", y), ("code posterior", posterior)):
+        rows = [("Y", y), ("code posterior", posterior)]
+        if smoothed_posterior is not None:
+            rows.append((f"posterior of the codes smoothed {t}x", smoothed_posterior))
+        for name, p in rows:
             scores = clustering_scores(labels.numpy(), p.argmax(1).numpy())
             print(f"{name}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 

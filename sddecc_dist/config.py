@@ -74,6 +74,10 @@ class LossConfig:
     cluster_kl: bool = True  # joint phase: Eq. 18; False trains no clustering head (ConvAE + k-means)
     # KL(mean cluster usage || uniform), the balance the paper asks of q(y); 0 = Eq. 18 only.
     balance_weight: float = 0.0
+    # -log(Y_i . Y_j) over the kNN graph's edges: neighbours should share a cluster; 0 = off.
+    neighbour_weight: float = 0.0
+    # Eq. 18 on the codes smoothed t times over the graph (Â^t mean); 0 = each node's own code.
+    cluster_code_smoothing: int = 0
 
     @property
     def uses_prior_kl(self) -> bool:
@@ -291,9 +295,15 @@ def validate(config: Config) -> None:
                 "pretrain_batch_size"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
-    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight"):
+    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight", "neighbour_weight"):
         if getattr(config.loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0")
+    if config.loss.cluster_code_smoothing < 0:
+        raise ConfigError(f"loss.cluster_code_smoothing={config.loss.cluster_code_smoothing} must be >= 0")
+    graph_terms = [k for k in ("neighbour_weight", "cluster_code_smoothing") if getattr(config.loss, k)]
+    if graph_terms and not model.use_gcn:
+        raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
+                          f"GCN model has (model.use_gcn=false): set to 0")
 
 
 def to_dict(config: Config) -> dict:

@@ -56,6 +56,7 @@ def test_unknown_keys_are_rejected_with_their_name(tmp_path):
     ("model.kernel_sizes=[3]", "same length"),
     ("graph.k=0", "graph.k=0 must be at least 1"),
     ("seed", "must look like key=value"),
+    ("loss.cluster_code_smoothing=-1", "loss.cluster_code_smoothing=-1 must be >= 0"),
 ])
 def test_bad_values_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -65,3 +66,14 @@ def test_bad_values_are_rejected_clearly(override, message):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_graph_terms_without_the_gcn_are_rejected():
+    with pytest.raises(ConfigError, match=r"loss.neighbour_weight use\(s\) the kNN graph.*model.use_gcn=false"):
+        load_config("configs/digits.yaml", ["model.use_gcn=false", "loss.neighbour_weight=1"])
+    with pytest.raises(ConfigError, match=r"loss.neighbour_weight, loss.cluster_code_smoothing use\(s\) the kNN graph"):
+        load_config("configs/paper/usps.yaml", ["model.use_gcn=false"])
+    # the no-GCN ablations switch them off explicitly, so they stack on any paper config
+    for variant in ("convae", "convae_mi", "ae_kmeans"):
+        config = load_config(["configs/paper/usps.yaml", f"configs/ablations/{variant}.yaml"], [])
+        assert config.loss.neighbour_weight == 0 and config.loss.cluster_code_smoothing == 0

@@ -162,3 +162,25 @@ def test_marginal_balance_kl_with_a_running_marginal():
     y = y.clone().requires_grad_(True)
     losses.marginal_balance_kl(y, running.requires_grad_(True), s).backward()
     assert running.grad is None and y.grad.abs().sum() > 0
+
+
+def test_neighbour_consistency_against_a_loop_over_edges():
+    from sddecc_dist.graph import normalized_adjacency
+
+    n, k = 9, 4
+    neighbors = np.array([[(i + 1) % n, (i + 2) % n] for i in range(n)])
+    adjacency = normalized_adjacency(neighbors, n)  # CSR, symmetrised, with self-loops
+    y = torch.softmax(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), 1)
+    dense = adjacency.to_dense()
+    edges = [(i, j) for i in range(n) for j in range(n) if i != j and dense[i, j] > 0]
+    expected = np.mean([-math.log(float(y[i] @ y[j])) for i, j in edges])
+    assert losses.neighbour_consistency(y, adjacency).item() == pytest.approx(expected, rel=1e-6)
+    rows = torch.tensor([0, 4, 5])
+    expected_rows = np.mean([-math.log(float(y[i] @ y[j])) for i, j in edges if i in (0, 4, 5)])
+    assert losses.neighbour_consistency(y, adjacency, rows).item() == pytest.approx(expected_rows, rel=1e-6)
+    # zero when neighbours are certain of one shared cluster; large when they disagree
+    same = torch.zeros(n, k)
+    same[:, 2] = 1.0
+    assert losses.neighbour_consistency(same, adjacency).item() == pytest.approx(0.0, abs=1e-7)
+    alternating = torch.eye(k)[torch.arange(n) % 2]
+    assert losses.neighbour_consistency(alternating, adjacency).item() > 5.0

@@ -134,3 +134,35 @@ def test_smooth_is_repeated_propagation_and_mean_codes_are_chunk_independent():
     x = torch.rand(10, 1, 8, 8)
     assert torch.allclose(model.mean_codes(x, "cpu", batch_size=3), model.encode(x).mean.detach(), atol=1e-6)
     assert model.training  # mode restored
+
+
+def test_structural_terms_smooth_the_codes_of_equation_18_and_score_neighbours():
+    """loss.cluster_code_smoothing = t: Eq. 18 on Â^t mean; loss.neighbour_weight adds the
+    neighbour term. Both against the loss functions applied to dense references."""
+    from sddecc_dist.model import losses
+
+    torch.manual_seed(0)
+    n = 20
+    neighbors = np.array([[(i + 1) % n, (i + 3) % n, (i + 7) % n] for i in range(n)])
+    adjacency = normalized_adjacency(neighbors, n)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    x = torch.rand(n, 1, 8, 8)
+    cfg = LossConfig(mi_weight=0.0, cluster_code_smoothing=2, neighbour_weight=0.5)
+    terms, y = model("head", x, adjacency=adjacency, loss_config=cfg)
+    assert set(terms.parts) == {"cluster_kl", "neighbour"}
+    with torch.no_grad():
+        encoded = model.encode(x)
+        dense = adjacency.to_dense()
+        smoothed = dense @ dense @ encoded.mean
+        expected_kl = losses.clustering_kl(smoothed, encoded.logvar, y, model.centers)
+        unsmoothed_kl = losses.clustering_kl(encoded.mean, encoded.logvar, y, model.centers)
+    assert terms.parts["cluster_kl"] == pytest.approx(expected_kl.item(), rel=1e-5)
+    assert abs(expected_kl.item() - unsmoothed_kl.item()) > 1e-4  # the smoothing changed it
+    assert terms.parts["neighbour"] == pytest.approx(losses.neighbour_consistency(y, adjacency).item(), rel=1e-5)
+    assert terms.total.item() == pytest.approx(terms.parts["cluster_kl"] + 0.5 * terms.parts["neighbour"], rel=1e-5)
+    # loss_index: the smoothing still sees every node; the terms cover the indexed rows only
+    index = torch.tensor([1, 5, 6, 11])
+    part, _ = model("head", x, adjacency=adjacency, loss_config=cfg, loss_index=index)
+    expected_part = losses.clustering_kl(smoothed[index], encoded.logvar[index], y[index], model.centers)
+    assert part.parts["cluster_kl"] == pytest.approx(expected_part.item(), rel=1e-5)
+    assert part.parts["neighbour"] == pytest.approx(losses.neighbour_consistency(y, adjacency, index).item(), rel=1e-5)

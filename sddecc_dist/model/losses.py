@@ -79,3 +79,17 @@ def marginal_balance_kl(
     if running_marginal is not None:
         marginal = (1 - batch_share) * running_marginal.detach() + batch_share * marginal
     return (marginal * (torch.log(marginal.clamp_min(1e-12)) + math.log(y.shape[1]))).sum()
+
+
+def neighbour_consistency(y: torch.Tensor, adjacency: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the graph's edges (i, j), i != j, of -log(Y_i . Y_j): zero when every pair of
+    neighbours puts all its mass on one shared cluster. `rows`: only edges leaving these nodes."""
+    crow, dst = adjacency.crow_indices(), adjacency.col_indices()  # the graph's CSR layout
+    src = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+    keep = src != dst
+    if rows is not None:
+        member = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        member[rows] = True
+        keep &= member[src]
+    src, dst = src[keep], dst[keep]
+    return -torch.log((y[src] * y[dst]).sum(1).clamp_min(1e-12)).mean()

@@ -22,7 +22,7 @@ from sddecc_dist.model.ddecn import (
     LocalDiscriminator,
     reparameterize,
 )
-from sddecc_dist.model.gcn import GCN
+from sddecc_dist.model.gcn import GCN, smooth
 
 
 @dataclass
@@ -145,7 +145,8 @@ class SDDECC(nn.Module):
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
-        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index, running_marginal))
+        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index, running_marginal,
+                                         adjacency))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -161,7 +162,8 @@ class SDDECC(nn.Module):
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index, running_marginal)
+        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index, running_marginal,
+                                    adjacency)
         return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
@@ -172,13 +174,19 @@ class SDDECC(nn.Module):
         loss_config: LossConfig,
         loss_index: torch.Tensor | None,
         running_marginal: tuple[torch.Tensor, float] | None,
+        adjacency: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Eq. 18 and the cluster-balance term over the nodes `loss_index`, each only when on.
         `running_marginal`: (estimate of the data's cluster marginal, this batch's share of the
         data) for minibatches (see losses.marginal_balance_kl)."""
+        terms = {}
+        if loss_config.cluster_code_smoothing and adjacency is not None:
+            encoded = EncoderOutput(encoded.features, smooth(adjacency, encoded.mean, loss_config.cluster_code_smoothing),
+                                    encoded.logvar)
+        if loss_config.neighbour_weight > 0 and adjacency is not None:
+            terms["neighbour"] = losses.neighbour_consistency(y, adjacency, loss_index)
         if loss_index is not None:
             encoded, y = _rows(encoded, loss_index), y[loss_index]
-        terms = {}
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
             terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers)
         if loss_config.balance_weight > 0:
@@ -194,6 +202,7 @@ class SDDECC(nn.Module):
             "prior_kl": loss_config.kl_weight,
             "cluster_kl": loss_config.kl_weight,
             "balance": loss_config.balance_weight,
+            "neighbour": loss_config.neighbour_weight,
         }
         total = sum(weights[name] * value for name, value in terms.items())
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})

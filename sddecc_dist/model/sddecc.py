@@ -176,13 +176,15 @@ class SDDECC(nn.Module):
         running_marginal: tuple[torch.Tensor, float] | None,
         adjacency: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Eq. 18 and the cluster-balance term over the nodes `loss_index`, each only when on.
-        `running_marginal`: (estimate of the data's cluster marginal, this batch's share of the
-        data) for minibatches (see losses.marginal_balance_kl)."""
+        """Eq. 18, the cluster-balance and the neighbour terms over the nodes `loss_index`, each
+        only when on. `running_marginal`: (estimate of the data's cluster marginal, this batch's
+        share of the data) for minibatches (see losses.marginal_balance_kl). `adjacency`: the
+        batch's graph, for Eq. 18 on smoothed codes and for the neighbour term (docs/method.md)."""
         terms = {}
         if loss_config.cluster_code_smoothing and adjacency is not None:
-            encoded = EncoderOutput(encoded.features, smooth(adjacency, encoded.mean, loss_config.cluster_code_smoothing),
-                                    encoded.logvar)
+            # Smoothed over every node of the batch before the loss rows are picked.
+            smoothed = smooth(adjacency, encoded.mean, loss_config.cluster_code_smoothing)
+            encoded = EncoderOutput(encoded.features, smoothed, encoded.logvar)
         if loss_config.neighbour_weight > 0 and adjacency is not None:
             terms["neighbour"] = losses.neighbour_consistency(y, adjacency, loss_index)
         if loss_index is not None:

@@ -3,7 +3,7 @@
 A run folder is what the trainer writes (`runs/NAME/`): `metrics.json` (final scores, written
 last, so its absence means the run did not finish), `config.yaml` (optional here: a K-means
 baseline may have none) and `metrics.jsonl` (per-epoch log). Runs are grouped by
-(dataset, method, λ1, λ2, N) over seeds; each row gives mean ± sample std, the paper's figure
+(dataset, method, λ1, λ2, additions to the paper's loss, N) over seeds; each row gives mean ± sample std, the paper's figure
 and the difference. Our figures are those of the final epoch; the label-selected best epoch is
 shown beside them for reference only, because choosing it needs the labels.
 
@@ -36,6 +36,9 @@ __all__ = [
     "markdown_report",
     "report",
 ]
+
+
+DASH = "—"
 
 
 class ReportError(ValueError):
@@ -114,6 +117,7 @@ class RunResult:
     selection: str
     lambda1: float | None  # loss.mi_weight of config.yaml
     lambda2: float | None  # loss.kl_weight of config.yaml
+    additions: str = DASH  # joint-phase terms the paper does not have (ADDITIONS), or —
     # The best ACC over the logged joint epochs and the NMI of that epoch: chosen with labels.
     best_label_epoch: int | None = None
     best_label_acc: float | None = None
@@ -141,6 +145,7 @@ class Group:
     lambda1: float | None
     lambda2: float | None
     n_samples: int
+    additions: str = DASH
     runs: list[RunResult] = field(default_factory=list)
     acc: Stat | None = None  # None when the runs have no labels
     nmi: Stat | None = None
@@ -172,26 +177,39 @@ def _read_json(path: Path, folder: Path) -> dict:
     return value
 
 
-def _read_lambdas(folder: Path) -> tuple[float | None, float | None]:
-    """λ1 = loss.mi_weight, λ2 = loss.kl_weight from config.yaml; None where not given (a
-    K-means baseline folder may have no config.yaml, or one without a loss section)."""
+# Loss keys of terms that are not in the paper's objective, and how the report names them.
+ADDITIONS = {
+    "balance_weight": "balance {}",
+    "cluster_code_smoothing": "Eq. 18 on Â^{} codes",
+    "neighbour_weight": "neighbour {}",
+}
+
+
+def _read_loss_settings(folder: Path) -> tuple[float | None, float | None, str]:
+    """λ1 = loss.mi_weight, λ2 = loss.kl_weight from config.yaml (None where not given: a
+    K-means baseline folder may have no config.yaml, or one without a loss section), and the
+    additions to the paper's objective that are on (ADDITIONS), or — for none."""
     path = folder / "config.yaml"
     if not path.is_file():
-        return None, None
+        return None, None, DASH
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ReportError(f"run {folder}: config.yaml is not valid YAML ({e})") from e
     loss = config.get("loss") if isinstance(config, dict) else None
     if not isinstance(loss, dict):
-        return None, None
-    values = []
-    for key in ("mi_weight", "kl_weight"):
+        return None, None, DASH
+    values = {}
+    for key in ("mi_weight", "kl_weight", *ADDITIONS):
         value = loss.get(key)
         if value is not None and not _is_number(value):
             raise ReportError(f"run {folder}: config.yaml loss.{key} is not a number: {value!r}")
-        values.append(None if value is None else float(value))
-    return values[0], values[1]
+        values[key] = None if value is None else float(value)
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    if loss.get("cluster_kl") is False or train.get("joint_epochs") == 0:  # no joint phase: none apply
+        return values["mi_weight"], values["kl_weight"], DASH
+    additions = ", ".join(text.format(f"{values[key]:g}") for key, text in ADDITIONS.items() if values[key])
+    return values["mi_weight"], values["kl_weight"], additions or DASH
 
 
 def _best_label_epoch(folder: Path) -> tuple[int, float, float] | None:
@@ -259,7 +277,7 @@ def load_run(path: str | Path) -> RunResult:
             raise ReportError(f"run {folder}: metrics.json {key} must be a number, got {metrics[key]!r}")
     scores = {key: float(metrics[key]) if key in metrics else None for key in SCORE_KEYS}
 
-    lambda1, lambda2 = _read_lambdas(folder)
+    lambda1, lambda2, additions = _read_loss_settings(folder)
     best = _best_label_epoch(folder)
     return RunResult(
         path=folder,
@@ -275,6 +293,7 @@ def load_run(path: str | Path) -> RunResult:
         selection=metrics["selection"],
         lambda1=lambda1,
         lambda2=lambda2,
+        additions=additions,
         best_label_epoch=None if best is None else best[0],
         best_label_acc=None if best is None else best[1],
         best_label_nmi=None if best is None else best[2],
@@ -293,19 +312,19 @@ def _group_order(group: Group) -> tuple:
     method = (METHOD_ORDER.index(group.method), "") if group.method in METHOD_ORDER \
         else (len(METHOD_ORDER), group.method)
     return (dataset, method, _optional_order(group.lambda1), _optional_order(group.lambda2),
-            group.n_samples)
+            group.additions != DASH, group.additions, group.n_samples)
 
 
 def group_runs(runs: list[RunResult]) -> list[Group]:
-    """Group runs by (dataset, method, λ1, λ2, N) and summarise each over its seeds, in table
-    order. N (the number of samples) is part of the key so a run on a subset never averages
+    """Group runs by (dataset, method, λ1, λ2, additions, N) and summarise each over its seeds,
+    in table order. N (the number of samples) is part of the key so a run on a subset never averages
     with one on the full set. Two runs with the same seed in one group are refused: a copied
     folder would otherwise count twice."""
     groups: dict[tuple, Group] = {}
     for run in runs:
-        key = (run.dataset, run.method, run.lambda1, run.lambda2, run.n_samples)
+        key = (run.dataset, run.method, run.lambda1, run.lambda2, run.additions, run.n_samples)
         group = groups.setdefault(key, Group(run.dataset, run.method, run.lambda1, run.lambda2,
-                                             run.n_samples))
+                                             run.n_samples, run.additions))
         for other in group.runs:
             if other.seed == run.seed:
                 raise ReportError(f"runs {other.path} and {run.path} are both seed {run.seed} of "
@@ -332,8 +351,6 @@ def group_runs(runs: list[RunResult]) -> list[Group]:
 
 
 # ---- rendering -----------------------------------------------------------------------------
-
-DASH = "—"
 
 
 def paper_score(dataset: str, method: str) -> PaperScore | None:
@@ -383,7 +400,7 @@ def _label_selected_cell(group: Group) -> str:
 
 def _group_label(group: Group) -> str:
     return (f"{group.dataset} (N={group.n_samples}), {group.method}, λ1={_lambda(group.lambda1)}, "
-            f"λ2={_lambda(group.lambda2)}")
+            f"λ2={_lambda(group.lambda2)}" + (f", additions: {group.additions}" if group.additions != DASH else ""))
 
 
 def markdown_report(groups: list[Group], title: str | None = None,
@@ -391,7 +408,7 @@ def markdown_report(groups: list[Group], title: str | None = None,
     """The results table, an explanation of its columns, and the run folders behind each row.
     `unfinished` folders (allowed by the caller) are listed last as not finished."""
     title = title or "Clustering results against the paper (SDDECC, Fu et al. 2021)"
-    header = ["dataset", "method (paper row)", "λ1", "λ2", "seeds (n: list)", "ACC ours",
+    header = ["dataset", "method (paper row)", "λ1", "λ2", "additions to the paper's loss", "seeds (n: list)", "ACC ours",
               "ACC paper", "ΔACC", "NMI ours", "NMI paper", "ΔNMI", "ARI ours", "selection",
               "label-selected best epoch ACC / NMI (uses labels; reference only)", "seconds (mean)"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
@@ -404,6 +421,7 @@ def markdown_report(groups: list[Group], title: str | None = None,
             _method_cell(group.method),
             _lambda(group.lambda1),
             _lambda(group.lambda2),
+            group.additions,
             f"{len(group.runs)}: {', '.join(map(str, group.seeds))}",
             _stat(group.acc),
             DASH if paper is None else f"{paper.acc:.4f}",
@@ -426,7 +444,10 @@ def markdown_report(groups: list[Group], title: str | None = None,
         "Table 3 (K-means, AE+K-means, SDDECC) or Table 4 (the ConvAE ablations) of the paper; "
         "it gives no ARI, and none for datasets other than USPS, MNIST and Fashion-MNIST (—). "
         "Δ = ours − paper, on the means. λ1 = `loss.mi_weight`, λ2 = `loss.kl_weight` from each "
-        "run's config.yaml (— where it has none). The **label-selected** column is the mean over "
+        "run's config.yaml (— where it has none). *Additions* are the joint-phase terms of a run's "
+        "config that the paper's Eq. 19 does not have (cluster balance, Eq. 18 on graph-smoothed "
+        "codes, neighbour consistency; docs/method.md), — for none: a row with additions is our "
+        "method, not the paper's. The **label-selected** column is the mean over "
         "runs of the best logged joint-epoch ACC and the NMI of that epoch, with the epochs: "
         "picking that epoch needs the labels, so it is **not a result**, only a measure of how "
         "far the final epoch is from the best one seen.",

@@ -27,7 +27,7 @@ def make_run(folder: Path, *, dataset: str = "usps", method: str = "ConvAE+MI+GC
              acc: float | None = 0.7, nmi: float | None = 0.6, ari: float | None = 0.5,
              seconds: float = 100.0, n_samples: int = 9298, mi_weight: float | None = 0.01,
              kl_weight: float | None = 1.0, jsonl: list[dict] | None = None,
-             config: bool = True, drop: tuple[str, ...] = ()) -> Path:
+             config: bool = True, drop: tuple[str, ...] = (), loss_extra: dict | None = None) -> Path:
     """A finished run folder as the trainer writes it; acc=None makes an unlabelled run."""
     folder.mkdir(parents=True)
     metrics = {"dataset": dataset, "method": method, "seed": seed, "n_samples": n_samples,
@@ -44,6 +44,7 @@ def make_run(folder: Path, *, dataset: str = "usps", method: str = "ConvAE+MI+GC
             loss["mi_weight"] = mi_weight
         if kl_weight is not None:
             loss["kl_weight"] = kl_weight
+        loss.update(loss_extra or {})
         (folder / "config.yaml").write_text(yaml.safe_dump({"name": folder.name, "seed": seed, "loss": loss}))
     if jsonl is not None:
         (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in jsonl))
@@ -180,17 +181,17 @@ def test_markdown_rows_deltas_and_order(tmp_path):
         acc_mean = np.mean([run.acc for run in members])
         nmi_mean = np.mean([run.nmi for run in members])
         acc_std = np.std([run.acc for run in members], ddof=1)
-        assert row[4] == "2: 0, 1"
-        assert row[5] == f"{acc_mean:.4f} ± {acc_std:.4f}"
+        assert row[5] == "2: 0, 1"
+        assert row[6] == f"{acc_mean:.4f} ± {acc_std:.4f}"
         paper_row = PAPER_ROW.get(method)
         paper = PAPER[paper_row].get(dataset) if paper_row else None
         if paper is None:  # digits, cifar, ConvAE+MI+K-means: no paper figure
-            assert row[6] == row[7] == row[9] == row[10] == "—"
+            assert row[7] == row[8] == row[10] == row[11] == "—"
         else:
-            assert float(row[6]) == paper.acc and float(row[9]) == paper.nmi
-            assert row[7] == f"{acc_mean - paper.acc:+.4f}"
-            assert row[10] == f"{nmi_mean - paper.nmi:+.4f}"
-        assert row[12] == SELECTION
+            assert float(row[7]) == paper.acc and float(row[10]) == paper.nmi
+            assert row[8] == f"{acc_mean - paper.acc:+.4f}"
+            assert row[11] == f"{nmi_mean - paper.nmi:+.4f}"
+        assert row[13] == SELECTION
 
     # The paper's row name is shown where it differs from ours.
     methods = [row[1] for row in rows]
@@ -212,14 +213,14 @@ def test_label_selected_column_is_the_mean_over_seeds(tmp_path):
     (row,) = table_rows(markdown_report(group_runs(runs)))
     acc = np.mean([b[1] for b in best])
     nmi = np.mean([b[2] for b in best])
-    assert row[13] == f"{acc:.4f} / {nmi:.4f} (epochs 30, 50)"
+    assert row[14] == f"{acc:.4f} / {nmi:.4f} (epochs 30, 50)"
 
 
 def test_unlabelled_runs_show_dashes(tmp_path):
     runs = [load_run(make_run(tmp_path / f"s{seed}", seed=seed, acc=None)) for seed in (0, 1)]
     (row,) = table_rows(markdown_report(group_runs(runs)))
-    assert row[5] == row[7] == row[8] == row[10] == row[11] == row[13] == "—"
-    assert row[6] == f"{PAPER['SDDECC']['usps'].acc:.4f}"  # the paper's figure still shows
+    assert row[6] == row[8] == row[9] == row[11] == row[12] == row[14] == "—"
+    assert row[7] == f"{PAPER['SDDECC']['usps'].acc:.4f}"  # the paper's figure still shows
 
 
 def test_subset_of_a_paper_dataset_is_flagged(tmp_path):
@@ -240,8 +241,8 @@ def test_report_expands_directories_and_writes_the_file(tmp_path):
     text = report([runs_dir, single, runs_dir / "usps-s0"], out=out)
     assert out.read_text() == text
     (row,) = table_rows(text)
-    assert row[4] == "3: 0, 1, 2"
-    assert row[5].startswith(f"{np.mean([0.70, 0.80, 0.75]):.4f} ± ")
+    assert row[5] == "3: 0, 1, 2"
+    assert row[6].startswith(f"{np.mean([0.70, 0.80, 0.75]):.4f} ± ")
     for name in ("usps-s0", "usps-s1", "usps-s2"):
         assert name in text
 
@@ -265,3 +266,24 @@ def test_report_rejects_paths_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="empty.*not a run folder"):
         report([tmp_path / "empty"], out=None)
+
+
+def test_additions_to_the_paper_loss_split_groups_and_are_named(tmp_path):
+    """A run whose config adds terms the paper does not have is another method: its own row,
+    with the terms named; the paper's literal loss shows —."""
+    paper = [load_run(make_run(tmp_path / f"paper-s{seed}", seed=seed)) for seed in (0, 1)]
+    ours = [load_run(make_run(tmp_path / f"ours-s{seed}", seed=seed, loss_extra={
+        "balance_weight": 5.0, "cluster_code_smoothing": 64, "neighbour_weight": 1.0, "global_mi": True}))
+        for seed in (0, 1)]
+    assert paper[0].additions == "—"
+    assert ours[0].additions == "balance 5, Eq. 18 on Â^64 codes, neighbour 1"
+    groups = group_runs(paper + ours)
+    assert [len(g.runs) for g in groups] == [2, 2]
+    rows = table_rows(markdown_report(groups))
+    assert [row[4] for row in rows] == ["—", "balance 5, Eq. 18 on Â^64 codes, neighbour 1"]
+    # without a joint phase (k-means on the codes) the joint-phase terms do not apply
+    kmeans = load_run(make_run(tmp_path / "kmeans", method="ConvAE+K-means",
+                               loss_extra={"balance_weight": 5.0, "cluster_kl": False}))
+    assert kmeans.additions == "—"
+    with pytest.raises(ReportError, match="loss.neighbour_weight is not a number"):
+        load_run(make_run(tmp_path / "bad", loss_extra={"neighbour_weight": "high"}))

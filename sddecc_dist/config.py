@@ -295,11 +295,10 @@ def validate(config: Config) -> None:
                 "pretrain_batch_size"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
-    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight", "neighbour_weight"):
+    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight", "neighbour_weight",
+                "cluster_code_smoothing"):
         if getattr(config.loss, key) < 0:
-            raise ConfigError(f"loss.{key} must be >= 0")
-    if config.loss.cluster_code_smoothing < 0:
-        raise ConfigError(f"loss.cluster_code_smoothing={config.loss.cluster_code_smoothing} must be >= 0")
+            raise ConfigError(f"loss.{key}={getattr(config.loss, key)} must be >= 0")
     graph_terms = [k for k in ("neighbour_weight", "cluster_code_smoothing") if getattr(config.loss, k)]
     if graph_terms and not model.use_gcn:
         raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "

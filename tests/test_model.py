@@ -102,13 +102,18 @@ def test_code_is_sampled_only_when_the_prior_kl_fixes_its_variance():
         assert model("pretrain", x, loss_config=variational).parts["recon"] > recon
 
 
-def test_joint_loss_weights_terms_as_equation_19():
+def _small_graph_model(n: int):
+    """A seeded 3-regular circulant graph on n nodes (normalised), a small SDDECC and n images."""
     torch.manual_seed(0)
-    n = 20
     neighbors = np.array([[(i + 1) % n, (i + 3) % n, (i + 7) % n] for i in range(n)])
     adjacency = normalized_adjacency(neighbors, n)
     model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
-    x = torch.rand(n, 1, 8, 8)
+    return adjacency, model, torch.rand(n, 1, 8, 8)
+
+
+def test_joint_loss_weights_terms_as_equation_19():
+    n = 20
+    adjacency, model, x = _small_graph_model(n)
     cfg = LossConfig(recon_weight=2.0, mi_weight=0.05, kl_weight=1.5)
     torch.manual_seed(1)
     terms, y = model("joint", x, adjacency=adjacency, aux_index=torch.arange(8), loss_config=cfg)
@@ -141,12 +146,8 @@ def test_structural_terms_smooth_the_codes_of_equation_18_and_score_neighbours()
     neighbour term. Both against the loss functions applied to dense references."""
     from sddecc_dist.model import losses
 
-    torch.manual_seed(0)
     n = 20
-    neighbors = np.array([[(i + 1) % n, (i + 3) % n, (i + 7) % n] for i in range(n)])
-    adjacency = normalized_adjacency(neighbors, n)
-    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
-    x = torch.rand(n, 1, 8, 8)
+    adjacency, model, x = _small_graph_model(n)
     cfg = LossConfig(mi_weight=0.0, cluster_code_smoothing=2, neighbour_weight=0.5)
     terms, y = model("head", x, adjacency=adjacency, loss_config=cfg)
     assert set(terms.parts) == {"cluster_kl", "neighbour"}

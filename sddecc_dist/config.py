@@ -72,8 +72,11 @@ class LossConfig:
     kl_weight: float = 1.0  # lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly
     prior_kl: bool = True  # pretraining: KL(p(z|x) || N(0, I))
     cluster_kl: bool = True  # joint phase: Eq. 18; False trains no clustering head (ConvAE + k-means)
-    # KL(mean cluster usage || uniform), the balance the paper asks of q(y); 0 = Eq. 18 only.
+    # KL(mean cluster usage || q(y)), the balance the paper asks of q(y); 0 = Eq. 18 only.
     balance_weight: float = 0.0
+    # q(y) in Eq. 18 and the balance term. uniform: the paper's. init: the cluster proportions
+    # of the initial partition (train.center_init), fixed, for unequal classes (docs/method.md).
+    cluster_prior: str = "uniform"
     # -log(Y_i . Y_j) over the kNN graph's edges: neighbours should share a cluster; 0 = off.
     neighbour_weight: float = 0.0
     # Eq. 18 on the codes smoothed t times over the graph (Â^t mean); 0 = each node's own code.
@@ -105,6 +108,11 @@ class TrainConfig:
     # k-means for the centres runs on the codes smoothed t times over the graph (Â^t Z); the
     # GCN's Y is graph-smoothed too, and single-seed k-means on raw codes varies a lot.
     center_init_smoothing: int = 4
+    # How those smoothed codes are partitioned into the first clusters, whose means become the
+    # centres μ_y. kmeans: equal-variance, near-equal-size clusters (any N). ward: Ward's
+    # agglomerative clustering, restricted to merges along the kNN graph's edges, which keeps
+    # unequal classes apart (USPS: digit 0 is 16%, digit 5 is 8%); docs/method.md.
+    center_init: str = "kmeans"
     eval_every: int = 5  # joint epochs between metric lines
     checkpoint_every: int = 25  # epochs (either phase) between periodic checkpoints
     keep_checkpoints: int = 2  # newest checkpoint folders kept in <output_dir>/checkpoints
@@ -288,6 +296,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.joint_sampler={train.joint_sampler!r} must be 'full' or 'cluster'")
     if train.partition_method not in ("metis", "random"):
         raise ConfigError(f"train.partition_method={train.partition_method!r} must be 'metis' or 'random'")
+    if config.loss.cluster_prior not in ("uniform", "init"):
+        raise ConfigError(f"loss.cluster_prior={config.loss.cluster_prior!r} must be 'uniform' or 'init'")
+    if train.center_init not in ("kmeans", "ward"):
+        raise ConfigError(f"train.center_init={train.center_init!r} must be 'kmeans' or 'ward'")
+    if train.center_init == "ward" and not model.use_gcn:
+        raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
+                          "(model.use_gcn=false): use kmeans")
     if train.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={train.mixed_precision!r} must be no, fp16 or bf16")
     for key in ("partition_size", "partitions_per_batch", "partitions_per_shard", "inference_batch_size",

@@ -3,7 +3,7 @@
 A run folder is what the trainer writes (`runs/NAME/`): `metrics.json` (final scores, written
 last, so its absence means the run did not finish), `config.yaml` (optional here: a K-means
 baseline may have none) and `metrics.jsonl` (per-epoch log). Runs are grouped by
-(dataset, method, λ1, λ2, additions to the paper's loss, N) over seeds; each row gives mean ± sample std, the paper's figure
+(dataset, method, λ1, λ2, additions to the paper's method, N) over seeds; each row gives mean ± sample std, the paper's figure
 and the difference. Our figures are those of the final epoch; the label-selected best epoch is
 shown beside them for reference only, because choosing it needs the labels.
 
@@ -117,7 +117,7 @@ class RunResult:
     selection: str
     lambda1: float | None  # loss.mi_weight of config.yaml
     lambda2: float | None  # loss.kl_weight of config.yaml
-    additions: str = DASH  # joint-phase terms the paper does not have (ADDITIONS), or —
+    additions: str = DASH  # what the config adds to the paper's method (ADDITIONS, CHOICES), or —
     # The best ACC over the logged joint epochs and the NMI of that epoch: chosen with labels.
     best_label_epoch: int | None = None
     best_label_acc: float | None = None
@@ -183,12 +183,19 @@ ADDITIONS = {
     "cluster_code_smoothing": "Eq. 18 on Â^{} codes",
     "neighbour_weight": "neighbour {}",
 }
+# Settings that depart from the paper when not at its value: (config section, key, the paper's
+# value, name, applies without a joint phase). A run without a joint phase reports its initial
+# partition, so the start method applies there too; q(y) does not.
+CHOICES = [
+    ("train", "center_init", "kmeans", "Ward start", True),
+    ("loss", "cluster_prior", "uniform", "q(y) from the start", False),
+]
 
 
 def _read_loss_settings(folder: Path) -> tuple[float | None, float | None, str]:
     """λ1 = loss.mi_weight, λ2 = loss.kl_weight from config.yaml (None where not given: a
     K-means baseline folder may have no config.yaml, or one without a loss section), and the
-    additions to the paper's objective that are on (ADDITIONS), or — for none."""
+    additions to the paper's method that are on (ADDITIONS, CHOICES), or — for none."""
     path = folder / "config.yaml"
     if not path.is_file():
         return None, None, DASH
@@ -206,10 +213,12 @@ def _read_loss_settings(folder: Path) -> tuple[float | None, float | None, str]:
             raise ReportError(f"run {folder}: config.yaml loss.{key} is not a number: {value!r}")
         values[key] = None if value is None else float(value)
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    if loss.get("cluster_kl") is False or train.get("joint_epochs") == 0:  # no joint phase: none apply
-        return values["mi_weight"], values["kl_weight"], DASH
-    additions = ", ".join(text.format(f"{values[key]:g}") for key, text in ADDITIONS.items() if values[key])
-    return values["mi_weight"], values["kl_weight"], additions or DASH
+    joint = not (loss.get("cluster_kl") is False or train.get("joint_epochs") == 0)
+    additions = [text.format(f"{values[key]:g}") for key, text in ADDITIONS.items() if joint and values[key]]
+    sections = {"loss": loss, "train": train}
+    additions += [name for section, key, paper, name, without_joint in CHOICES
+                  if (joint or without_joint) and sections[section].get(key, paper) != paper]
+    return values["mi_weight"], values["kl_weight"], ", ".join(additions) or DASH
 
 
 def _best_label_epoch(folder: Path) -> tuple[int, float, float] | None:
@@ -408,7 +417,7 @@ def markdown_report(groups: list[Group], title: str | None = None,
     """The results table, an explanation of its columns, and the run folders behind each row.
     `unfinished` folders (allowed by the caller) are listed last as not finished."""
     title = title or "Clustering results against the paper (SDDECC, Fu et al. 2021)"
-    header = ["dataset", "method (paper row)", "λ1", "λ2", "additions to the paper's loss", "seeds (n: list)", "ACC ours",
+    header = ["dataset", "method (paper row)", "λ1", "λ2", "additions to the paper's method", "seeds (n: list)", "ACC ours",
               "ACC paper", "ΔACC", "NMI ours", "NMI paper", "ΔNMI", "ARI ours", "selection",
               "label-selected best epoch ACC / NMI (uses labels; reference only)", "seconds (mean)"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
@@ -444,10 +453,11 @@ def markdown_report(groups: list[Group], title: str | None = None,
         "Table 3 (K-means, AE+K-means, SDDECC) or Table 4 (the ConvAE ablations) of the paper; "
         "it gives no ARI, and none for datasets other than USPS, MNIST and Fashion-MNIST (—). "
         "Δ = ours − paper, on the means. λ1 = `loss.mi_weight`, λ2 = `loss.kl_weight` from each "
-        "run's config.yaml (— where it has none). *Additions* are the joint-phase terms of a run's "
-        "config that the paper's Eq. 19 does not have (cluster balance, Eq. 18 on graph-smoothed "
-        "codes, neighbour consistency; docs/method.md), — for none: a row with additions is our "
-        "method, not the paper's. The **label-selected** column is the mean over "
+        "run's config.yaml (— where it has none). *Additions* are what a run's config adds to the "
+        "paper's method: joint-phase terms Eq. 19 does not have (cluster balance, Eq. 18 on "
+        "graph-smoothed codes, neighbour consistency), a Ward instead of a k-means start, q(y) "
+        "from the start's cluster sizes instead of uniform (docs/method.md); — for none: a row "
+        "with additions is our method, not the paper's. The **label-selected** column is the mean over "
         "runs of the best logged joint-epoch ACC and the NMI of that epoch, with the epochs: "
         "picking that epoch needs the labels, so it is **not a result**, only a measure of how "
         "far the final epoch is from the best one seen.",

@@ -57,6 +57,8 @@ def test_unknown_keys_are_rejected_with_their_name(tmp_path):
     ("graph.k=0", "graph.k=0 must be at least 1"),
     ("seed", "must look like key=value"),
     ("loss.cluster_code_smoothing=-1", "loss.cluster_code_smoothing=-1 must be >= 0"),
+    ("train.center_init=spectral", "train.center_init='spectral' must be 'kmeans' or 'ward'"),
+    ("loss.cluster_prior=learnt", "loss.cluster_prior='learnt' must be 'uniform' or 'init'"),
 ])
 def test_bad_values_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -68,6 +70,11 @@ def test_missing_config_file_is_named():
         load_config("configs/nope.yaml")
 
 
+def test_ward_start_without_the_gcn_is_rejected():
+    with pytest.raises(ConfigError, match=r"train.center_init=ward merges along the kNN graph.*use kmeans"):
+        load_config("configs/digits.yaml", ["model.use_gcn=false", "train.center_init=ward"])
+
+
 def test_graph_terms_without_the_gcn_are_rejected():
     with pytest.raises(ConfigError, match=r"loss.neighbour_weight use\(s\) the kNN graph.*model.use_gcn=false"):
         load_config("configs/digits.yaml", ["model.use_gcn=false", "loss.neighbour_weight=1"])
@@ -77,3 +84,7 @@ def test_graph_terms_without_the_gcn_are_rejected():
     for variant in ("convae", "convae_mi", "ae_kmeans"):
         config = load_config(["configs/paper/usps.yaml", f"configs/ablations/{variant}.yaml"], [])
         assert config.loss.neighbour_weight == 0 and config.loss.cluster_code_smoothing == 0
+        assert config.train.center_init == "kmeans"
+    for variant in ("convae", "convae_mi"):  # rows of the paper's Table 4: its uniform q(y)
+        config = load_config(["configs/paper/usps.yaml", f"configs/ablations/{variant}.yaml"], [])
+        assert config.loss.cluster_prior == "uniform"

@@ -82,28 +82,32 @@ def test_shuffle_in_batch_is_a_permutation_without_fixed_points():
         losses.shuffle_in_batch(x[:1])
 
 
-def _clustering_kl_monte_carlo(mean, logvar, y, centers, n_draws):
-    """E_{y~Y, z~N(mean, σ²)}[log p(z|x) + log Y_y - log N(z; μ_y, I) - log(1/K)]."""
+def _clustering_kl_monte_carlo(mean, logvar, y, centers, n_draws, prior=None):
+    """E_{y~Y, z~N(mean, σ²)}[log p(z|x) + log Y_y - log N(z; μ_y, I) - log q(y)], q(y) = 1/K
+    unless `prior` is given."""
     k = centers.shape[0]
+    log_prior = torch.log(prior) if prior is not None else torch.full((k,), -math.log(k), dtype=mean.dtype)
     std = torch.exp(0.5 * logvar)
     z = mean[None] + std[None] * torch.randn(n_draws, *mean.shape, dtype=mean.dtype)
     log_p = torch.distributions.Normal(mean, std).log_prob(z).sum(-1)  # (S, N)
     log_q = torch.stack(
         [torch.distributions.Normal(centers[j], 1.0).log_prob(z).sum(-1) for j in range(k)], -1
     )  # (S, N, K)
-    per_cluster = log_p[..., None] - log_q + torch.log(y)[None] + math.log(k)
+    per_cluster = log_p[..., None] - log_q + torch.log(y)[None] - log_prior
     return (y[None] * per_cluster).sum(-1).mean()
 
 
-def test_clustering_kl_equals_its_monte_carlo_expansion():
+@pytest.mark.parametrize("prior", [None, [0.4, 0.3, 0.2, 0.1]])
+def test_clustering_kl_equals_its_monte_carlo_expansion(prior):
     torch.manual_seed(0)
     n, d, k = 6, 3, 4
     mean = torch.randn(n, d, dtype=torch.float64)
     logvar = 0.5 * torch.randn(n, d, dtype=torch.float64)
     y = torch.softmax(torch.randn(n, k, dtype=torch.float64), 1)
     centers = torch.randn(k, d, dtype=torch.float64)
-    closed = losses.clustering_kl(mean, logvar, y, centers)
-    monte_carlo = _clustering_kl_monte_carlo(mean, logvar, y, centers, 400_000)
+    prior = None if prior is None else torch.tensor(prior, dtype=torch.float64)
+    closed = losses.clustering_kl(mean, logvar, y, centers, prior)
+    monte_carlo = _clustering_kl_monte_carlo(mean, logvar, y, centers, 400_000, prior)
     assert closed.item() == pytest.approx(monte_carlo.item(), abs=5e-3)
 
 
@@ -121,6 +125,25 @@ def test_clustering_kl_closed_form_terms():
     optimum = -torch.logsumexp(-0.5 * torch.tensor([0.0, 9.0, 16.0]) - math.log(k), 0)
     assert losses.clustering_kl(mean, logvar, posterior, centers).item() == pytest.approx(optimum.item(), abs=1e-6)
     assert losses.clustering_kl(mean, logvar, y, centers) > losses.clustering_kl(mean, logvar, posterior, centers)
+
+
+def test_clustering_kl_optimum_with_a_cluster_prior():
+    # With q(y) = π the optimal Y is the mixture posterior softmax(-½||mean-μ_y||² + log π_y),
+    # with value -log Σ_y π_y exp(-½||mean - μ_y||²): a larger π_y pulls the optimum towards y.
+    centers = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    mean, logvar = torch.zeros(1, 2), torch.zeros(1, 2)
+    prior = torch.tensor([0.1, 0.7, 0.2])
+    logits = -0.5 * torch.tensor([0.0, 9.0, 16.0]) + prior.log()
+    posterior = torch.softmax(logits, 0)[None]
+    optimum = -torch.logsumexp(logits, 0)
+    assert losses.clustering_kl(mean, logvar, posterior, centers, prior).item() == pytest.approx(optimum.item(), abs=1e-6)
+    uniform_posterior = torch.softmax(-0.5 * torch.tensor([[0.0, 9.0, 16.0]]), 1)
+    assert losses.clustering_kl(mean, logvar, uniform_posterior, centers, prior) > optimum
+    # the uniform prior passed explicitly is the paper's Eq. 18
+    y = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), 1)
+    means = torch.randn(4, 2, generator=torch.Generator().manual_seed(2))
+    assert losses.clustering_kl(means, logvar.expand(4, 2), y, centers, torch.full((3,), 1 / 3)).item() == \
+        pytest.approx(losses.clustering_kl(means, logvar.expand(4, 2), y, centers).item(), rel=1e-6)
 
 
 def test_clustering_kl_gradient_is_finite_when_a_code_sits_on_a_centre():
@@ -144,6 +167,16 @@ def test_marginal_balance_kl_closed_form():
     marginal = y.mean(0)
     expected = (marginal * (marginal * k).log()).sum()
     assert losses.marginal_balance_kl(y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_marginal_balance_kl_against_a_cluster_prior():
+    prior = torch.tensor([0.5, 0.3, 0.2])
+    # usage exactly as q(y) says: KL 0 (one-hot rows in those proportions)
+    y = torch.eye(3)[torch.tensor([0] * 5 + [1] * 3 + [2] * 2)]
+    assert losses.marginal_balance_kl(y, prior=prior).item() == pytest.approx(0.0, abs=1e-7)
+    # uniform usage against that prior: Σ (1/3) log((1/3) / π)
+    expected = sum((1 / 3) * math.log((1 / 3) / p) for p in prior.tolist())
+    assert losses.marginal_balance_kl(torch.eye(3), prior=prior).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_marginal_balance_kl_with_a_running_marginal():

@@ -27,7 +27,8 @@ def make_run(folder: Path, *, dataset: str = "usps", method: str = "ConvAE+MI+GC
              acc: float | None = 0.7, nmi: float | None = 0.6, ari: float | None = 0.5,
              seconds: float = 100.0, n_samples: int = 9298, mi_weight: float | None = 0.01,
              kl_weight: float | None = 1.0, jsonl: list[dict] | None = None,
-             config: bool = True, drop: tuple[str, ...] = (), loss_extra: dict | None = None) -> Path:
+             config: bool = True, drop: tuple[str, ...] = (), loss_extra: dict | None = None,
+             train: dict | None = None) -> Path:
     """A finished run folder as the trainer writes it; acc=None makes an unlabelled run."""
     folder.mkdir(parents=True)
     metrics = {"dataset": dataset, "method": method, "seed": seed, "n_samples": n_samples,
@@ -45,7 +46,10 @@ def make_run(folder: Path, *, dataset: str = "usps", method: str = "ConvAE+MI+GC
         if kl_weight is not None:
             loss["kl_weight"] = kl_weight
         loss.update(loss_extra or {})
-        (folder / "config.yaml").write_text(yaml.safe_dump({"name": folder.name, "seed": seed, "loss": loss}))
+        config_dict = {"name": folder.name, "seed": seed, "loss": loss}
+        if train is not None:
+            config_dict["train"] = train
+        (folder / "config.yaml").write_text(yaml.safe_dump(config_dict))
     if jsonl is not None:
         (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in jsonl))
     return folder
@@ -268,7 +272,7 @@ def test_report_rejects_paths_without_runs(tmp_path):
         report([tmp_path / "empty"], out=None)
 
 
-def test_additions_to_the_paper_loss_split_groups_and_are_named(tmp_path):
+def test_additions_to_the_paper_method_split_groups_and_are_named(tmp_path):
     """A run whose config adds terms the paper does not have is another method: its own row,
     with the terms named; the paper's literal loss shows —."""
     paper = [load_run(make_run(tmp_path / f"paper-s{seed}", seed=seed)) for seed in (0, 1)]
@@ -285,5 +289,13 @@ def test_additions_to_the_paper_loss_split_groups_and_are_named(tmp_path):
     kmeans = load_run(make_run(tmp_path / "kmeans", method="ConvAE+K-means",
                                loss_extra={"balance_weight": 5.0, "cluster_kl": False}))
     assert kmeans.additions == "—"
+    # a Ward start is the result without a joint phase too; q(y) only matters with one
+    ward = load_run(make_run(tmp_path / "ward", loss_extra={"cluster_prior": "init"},
+                             train={"center_init": "ward"}))
+    assert ward.additions == "Ward start, q(y) from the start"
+    ward_kmeans = load_run(make_run(tmp_path / "ward-kmeans", method="ConvAE+K-means",
+                                    loss_extra={"cluster_prior": "init", "cluster_kl": False},
+                                    train={"center_init": "ward"}))
+    assert ward_kmeans.additions == "Ward start"
     with pytest.raises(ReportError, match="loss.neighbour_weight is not a number"):
         load_run(make_run(tmp_path / "bad", loss_extra={"neighbour_weight": "high"}))

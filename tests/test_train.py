@@ -136,3 +136,44 @@ def test_global_batch_must_split_over_processes_and_accumulation(tmp_path):
                            "train.gradient_accumulation_steps=2")
     with pytest.raises(ConfigError, match=r"pretrain_batch_size=63 is the global batch"):
         train(config)
+
+
+def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
+    """train.center_init=ward with loss.cluster_prior=init and no joint epoch: the result is
+    the initial partition, which must be Ward's along the kNN graph on the smoothed pretrained
+    codes (recomputed here from pretrain.pt), with μ_y its cluster means and q(y) its sizes."""
+    import scipy.sparse as sp
+    import torch
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score
+
+    from sddecc_dist.data import load_all, read_manifest
+    from sddecc_dist.graph.adjacency import load_graph
+    from sddecc_dist.model.gcn import smooth
+    from sddecc_dist.model.sddecc import SDDECC
+    from sddecc_dist.stages import graph_path
+
+    data_dir, run = tmp_path / "data", tmp_path / "ward"
+    config = _short_config(tmp_path, data_dir, "ward", "train.center_init=ward", "loss.cluster_prior=init",
+                           "train.center_init_smoothing=4", "train.head_warmup_epochs=0", "train.joint_epochs=0")
+    result = train(config)
+    initial = np.loadtxt(run / "initial_assignments.txt", dtype=int)
+    assert (initial == np.loadtxt(run / "assignments.txt", dtype=int)).all()
+    assert len(np.unique(initial)) == 10 and result["n_used_clusters"] == 10
+
+    manifest = read_manifest(data_dir)
+    images, _ = load_all(data_dir, manifest)
+    model = SDDECC(tuple(manifest["image_shape"]), 10, config.model)
+    model.load_state_dict(torch.load(run / "checkpoints" / "pretrain.pt", weights_only=False)["model"])
+    adjacency, _ = load_graph(graph_path(data_dir, config.graph.k))
+    codes = smooth(adjacency, model.mean_codes(images, "cpu"), 4).numpy()
+    edges = sp.csr_matrix((adjacency.values().numpy(), adjacency.col_indices().numpy(),
+                           adjacency.crow_indices().numpy()), shape=tuple(adjacency.shape))
+    reference = AgglomerativeClustering(10, linkage="ward", connectivity=edges).fit(codes).labels_
+    assert adjusted_rand_score(reference, initial) == pytest.approx(1.0)
+
+    final = torch.load(run / "checkpoints" / "final.pt", weights_only=False)["model"]
+    means = np.stack([codes[initial == c].mean(0) for c in range(10)])
+    np.testing.assert_allclose(final["centers"].numpy(), means, atol=1e-4)
+    np.testing.assert_allclose(final["cluster_prior"].numpy(), np.bincount(initial, minlength=10) / len(initial),
+                               atol=1e-7)

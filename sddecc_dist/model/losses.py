@@ -43,28 +43,39 @@ def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def clustering_kl(
-    mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, centers: torch.Tensor
+    mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, centers: torch.Tensor,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 18: KL(p(y|x) p(z|x) || q(z|y) q(y)), q(z|y) = N(μ_y, I), q(y) uniform; closed form.
+    """Eq. 18: KL(p(y|x) p(z|x) || q(z|y) q(y)), q(z|y) = N(μ_y, I), q(y) = `prior` (the
+    paper's uniform when None); closed form.
 
     p(z|x) = N(mean, diag(exp(logvar))) and p(y|x) = Y from the GCN, so per sample
-      Σ_y Y_y KL(N(mean, σ²) || N(μ_y, I)) + KL(Y || uniform)
-    = Σ_y Y_y · ½(||mean - μ_y||² + Σ_d σ²_d - d - Σ_d log σ²_d) + Σ_y Y_y log(K Y_y).
+      Σ_y Y_y KL(N(mean, σ²) || N(μ_y, I)) + KL(Y || q(y))
+    = Σ_y Y_y · ½(||mean - μ_y||² + Σ_d σ²_d - d - Σ_d log σ²_d) + Σ_y Y_y log(Y_y / q(y)).
     The expectation over z is taken exactly, not by sampling. Averaged over samples.
     """
-    n_clusters = centers.shape[0]
+    log_prior = _log_prior(prior, centers.shape[0], y)
     # Explicit squared distances: cdist's gradient is NaN where a code sits on a centre.
     sq_dist = (mean[:, None, :] - centers[None, :, :]).pow(2).sum(2)  # (N, K)
     gaussian_part = 0.5 * (logvar.exp() - 1.0 - logvar).sum(1, keepdim=True)  # (N, 1)
     per_cluster_kl = 0.5 * sq_dist + gaussian_part
-    categorical_kl = (y * (torch.log(y.clamp_min(1e-12)) + math.log(n_clusters))).sum(1)
+    categorical_kl = (y * (torch.log(y.clamp_min(1e-12)) - log_prior)).sum(1)
     return ((y * per_cluster_kl).sum(1) + categorical_kl).mean()
 
 
+def _log_prior(prior: torch.Tensor | None, n_clusters: int, like: torch.Tensor) -> torch.Tensor:
+    """log q(y), (K,): uniform when `prior` is None."""
+    if prior is None:
+        return torch.full((n_clusters,), -math.log(n_clusters), dtype=like.dtype, device=like.device)
+    return torch.log(prior.to(like.dtype).clamp_min(1e-12))
+
+
 def marginal_balance_kl(
-    y: torch.Tensor, running_marginal: torch.Tensor | None = None, batch_share: float = 1.0
+    y: torch.Tensor, running_marginal: torch.Tensor | None = None, batch_share: float = 1.0,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(marginal || uniform): zero when clusters are used equally, log K when one takes all.
+    """KL(marginal || q(y)), q(y) = `prior` (uniform when None): zero when clusters are used
+    as q(y) says, log K for a uniform q(y) when one cluster takes all.
 
     Eq. 18's per-sample KL(Y_i || uniform) softens each row but does not stop a cluster from
     emptying; this term states the paper's purpose for a uniform q(y) ("so that the classes
@@ -78,7 +89,7 @@ def marginal_balance_kl(
     marginal = y.mean(0)
     if running_marginal is not None:
         marginal = (1 - batch_share) * running_marginal.detach() + batch_share * marginal
-    return (marginal * (torch.log(marginal.clamp_min(1e-12)) + math.log(y.shape[1]))).sum()
+    return (marginal * (torch.log(marginal.clamp_min(1e-12)) - _log_prior(prior, y.shape[1], y))).sum()
 
 
 def neighbour_consistency(y: torch.Tensor, adjacency: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -53,6 +53,9 @@ class SDDECC(nn.Module):
             self.cluster_head = nn.Linear(d, n_clusters)
         # q(z|y) = N(μ_y, I); set from k-means on the pretrained codes before the joint phase.
         self.centers = nn.Parameter(torch.zeros(n_clusters, d))
+        # q(y): the paper's uniform prior, or (loss.cluster_prior=init) the trainer sets it to
+        # the initial partition's cluster proportions. A buffer: saved with the model, not learnt.
+        self.register_buffer("cluster_prior", torch.full((n_clusters,), 1.0 / n_clusters))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of p(y|x): the GCN, or the linear head in the ablations without it."""
@@ -145,8 +148,8 @@ class SDDECC(nn.Module):
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
-        terms.update(self._cluster_terms(encoded, y, self.centers, loss_config, loss_index, running_marginal,
-                                         adjacency))
+        terms.update(self._cluster_terms(encoded, y, self.centers, self.cluster_prior, loss_config, loss_index,
+                                         running_marginal, adjacency))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -162,8 +165,8 @@ class SDDECC(nn.Module):
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self._cluster_terms(encoded, y, self.centers.detach(), loss_config, loss_index, running_marginal,
-                                    adjacency)
+        terms = self._cluster_terms(encoded, y, self.centers.detach(), self.cluster_prior, loss_config, loss_index,
+                                    running_marginal, adjacency)
         return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
@@ -171,6 +174,7 @@ class SDDECC(nn.Module):
         encoded: EncoderOutput,
         y: torch.Tensor,
         centers: torch.Tensor,
+        prior: torch.Tensor,
         loss_config: LossConfig,
         loss_index: torch.Tensor | None,
         running_marginal: tuple[torch.Tensor, float] | None,
@@ -190,9 +194,9 @@ class SDDECC(nn.Module):
         if loss_index is not None:
             encoded, y = _rows(encoded, loss_index), y[loss_index]
         if loss_config.cluster_kl and loss_config.kl_weight > 0:
-            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers)
+            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers, prior)
         if loss_config.balance_weight > 0:
-            terms["balance"] = losses.marginal_balance_kl(y, *(running_marginal or ()))
+            terms["balance"] = losses.marginal_balance_kl(y, *(running_marginal or (None, 1.0)), prior=prior)
         return terms
 
     @staticmethod

@@ -40,7 +40,7 @@ from accelerate.utils import (
     set_seed,
 )
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.cluster import KMeans
+from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from sddecc_dist.config import Config, ConfigError, method_name, to_dict
 from sddecc_dist.data import (
@@ -148,7 +148,8 @@ class StopSignal:
 
 
 class Run:
-    """The run folder: config.yaml, metrics.jsonl, checkpoints/, metrics.json, assignments.txt.
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/, initial_assignments.txt (the
+    partition the centres come from), metrics.json, assignments.txt.
 
     Checkpoints are Accelerate state folders (model, optimiser, every rank's RNG; DeepSpeed
     writes its own shards there) plus position.json, saved as checkpoints/.tmp-NAME and renamed
@@ -358,13 +359,23 @@ def _labels(chunks: ChunkSource, ids: torch.Tensor, n: int, accelerator: Acceler
     return labels if (labels >= 0).all() else None
 
 
-def _kmeans(core, chunks, ids, adjacency, n, config: Config, n_clusters: int, accelerator) -> KMeans:
-    """k-means (seeded: identical on every rank) on the mean codes smoothed over the graph."""
+def _initial_clusters(core, chunks, ids, adjacency, adjacency_sp, n, config: Config, n_clusters: int,
+                      accelerator) -> tuple[np.ndarray, np.ndarray]:
+    """The first partition of the mean codes smoothed over the graph, and its cluster means
+    (the centres μ_y): k-means (seeded) or Ward along the graph's edges (deterministic). Both
+    run on the gathered codes, so every rank computes the same partition."""
     codes = _mean_codes(core, chunks, ids, n, accelerator)
     smoothing = config.train.center_init_smoothing if adjacency is not None else 0
     if smoothing:
         codes = smooth(adjacency, codes.to(accelerator.device), smoothing).cpu()
-    return KMeans(n_clusters, n_init=config.train.kmeans_n_init, random_state=config.seed).fit(codes.numpy())
+    codes = codes.numpy()
+    if config.train.center_init == "ward":
+        # connectivity: only clusters joined by a kNN edge may merge (sparse, so no N x N
+        # distance matrix); sklearn joins disconnected components itself, with a warning.
+        labels = AgglomerativeClustering(n_clusters, linkage="ward", connectivity=adjacency_sp).fit(codes).labels_
+        return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+    kmeans = KMeans(n_clusters, n_init=config.train.kmeans_n_init, random_state=config.seed).fit(codes)
+    return kmeans.labels_, kmeans.cluster_centers_
 
 
 def _reset_moments(optimizer) -> None:
@@ -547,16 +558,22 @@ def train(config: Config) -> dict:
         elif train_cfg.init_from and accelerator.is_main_process:  # keep the stage's artifact in this run
             shutil.copyfile(train_cfg.init_from, run.checkpoints / "pretrain.pt")
 
-        # 5. centres from k-means on the pretrained codes (once; saved with the next checkpoint)
+        # 5. centres from the initial partition of the pretrained codes (once; saved with the next checkpoint)
         if position == Position("joint", 0, 0) and not extra.get("centres_ready"):
-            kmeans = _kmeans(core, chunks, share_ids, adjacency, n, config, n_clusters, accelerator)
+            init_labels, init_centres = _initial_clusters(core, chunks, share_ids, adjacency, adjacency_sp, n,
+                                                          config, n_clusters, accelerator)
             with torch.no_grad():
-                core.centers.copy_(broadcast(torch.from_numpy(kmeans.cluster_centers_).float().to(accelerator.device)))
+                core.centers.copy_(broadcast(torch.from_numpy(init_centres).float().to(accelerator.device)))
+                if config.loss.cluster_prior == "init":  # q(y): the partition's proportions
+                    proportions = np.bincount(init_labels, minlength=n_clusters) / len(init_labels)
+                    core.cluster_prior.copy_(torch.from_numpy(proportions).float().to(accelerator.device))
+            if accelerator.is_main_process:
+                atomic_write_text(run.dir / "initial_assignments.txt", "\n".join(map(str, init_labels.tolist())) + "\n")
             _sync_deepspeed_master(optimizer)
             _reset_moments(optimizer)
-            kmeans_scores = _score(kmeans.labels_, label_array)
+            kmeans_scores = _score(init_labels, label_array)
             extra = {"centres_ready": True, "kmeans": kmeans_scores}
-            log(f"k-means on pretrained codes (graph-smoothed "
+            log(f"{train_cfg.center_init} on pretrained codes (graph-smoothed "
                 f"{train_cfg.center_init_smoothing if adjacency is not None else 0}x): {_format(kmeans_scores)}")
             run.log_metrics({"phase": "kmeans", "epoch": train_cfg.pretrain_epochs, **kmeans_scores,
                              "peak_memory_mib": round(peak_memory_mib(), 1)})
@@ -640,7 +657,8 @@ def train(config: Config) -> dict:
     if joint_epochs > 0:
         assignments = _assignments(core, chunks, share_ids, adjacency_sp, n, accelerator)
     else:  # ConvAE + k-means: the k-means assignments of step 5 are the result
-        assignments = _kmeans(core, chunks, share_ids, adjacency, n, config, n_clusters, accelerator).labels_
+        assignments, _ = _initial_clusters(core, chunks, share_ids, adjacency, adjacency_sp, n, config, n_clusters,
+                                           accelerator)
     scores = _score(assignments, label_array)
     if joint_epochs > 0 and not full_batch and position.epoch < joint_epochs:
         log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(last_parts)} {_format(scores)}")

@@ -300,9 +300,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"loss.cluster_prior={config.loss.cluster_prior!r} must be 'uniform' or 'init'")
     if train.center_init not in ("kmeans", "ward"):
         raise ConfigError(f"train.center_init={train.center_init!r} must be 'kmeans' or 'ward'")
-    if train.center_init == "ward" and not model.use_gcn:
-        raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
-                          "(model.use_gcn=false): use kmeans")
     if train.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={train.mixed_precision!r} must be no, fp16 or bf16")
     for key in ("partition_size", "partitions_per_batch", "partitions_per_shard", "inference_batch_size",
@@ -318,6 +315,9 @@ def validate(config: Config) -> None:
     if graph_terms and not model.use_gcn:
         raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
                           f"GCN model has (model.use_gcn=false): set to 0")
+    if train.center_init == "ward" and not model.use_gcn:
+        raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
+                          "(model.use_gcn=false): use kmeans")
 
 
 def to_dict(config: Config) -> dict:

@@ -1,20 +1,23 @@
-"""k-means on a checkpoint's mean codes, raw and smoothed over the kNN graph (Â^t Z).
+"""The initial partition (k-means or Ward along the kNN graph) of a checkpoint's mean codes,
+raw and smoothed over the kNN graph (Â^t Z).
 
-    python scripts/kmeans_on_codes.py runs/usps-s0/checkpoints/pretrain.pt --smoothing 0 4
+    python scripts/kmeans_on_codes.py runs/usps-s0/checkpoints/pretrain.pt --smoothing 0 4 --method kmeans ward
 
-Prints ACC / NMI / ARI for each number of smoothing steps: the "AE + k-means" baseline
-(t = 0) and what `train.center_init_smoothing` = t starts the joint phase from.
+Prints ACC / NMI / ARI for each method and number of smoothing steps: the "AE + k-means"
+baseline (k-means, t = 0) and what `train.center_init` with `train.center_init_smoothing` = t
+starts the joint phase from.
 """
 
 import argparse
 
 import torch
-from sklearn.cluster import KMeans
 
 from sddecc_dist.config import config_from_dict
 from sddecc_dist.data import load_all, read_manifest
+from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
+from sddecc_dist.model.initial_partition import initial_partition
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph
 
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--smoothing", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--n-init", type=int, default=20)
+    parser.add_argument("--method", nargs="+", choices=["kmeans", "ward"], default=["kmeans"])
     args = parser.parse_args()
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -35,11 +39,14 @@ def main() -> None:
     images, labels = load_all(config.data_dir, manifest)
     codes = model.mean_codes(images, "cpu")
     adjacency = ensure_graph(config.data_dir, config.graph.k, images)
+    graph = to_scipy_csr(adjacency)
     for steps in sorted(args.smoothing):
         smoothed = smooth(adjacency, codes, steps)
-        kmeans = KMeans(n_clusters, n_init=args.n_init, random_state=config.seed).fit(smoothed.numpy())
-        scores = clustering_scores(labels.numpy(), kmeans.labels_)
-        print(f"smoothing {steps}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        for method in args.method:
+            partition, _ = initial_partition(smoothed.numpy(), n_clusters, method, graph=graph,
+                                             n_init=args.n_init, seed=config.seed)
+            scores = clustering_scores(labels.numpy(), partition)
+            print(f"{method} smoothing {steps}: " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ class TrainConfig:
     # GCN's Y is graph-smoothed too, and single-seed k-means on raw codes varies a lot.
     center_init_smoothing: int = 4
     # How those smoothed codes are partitioned into the first clusters, whose means become the
-    # centres μ_y. kmeans: equal-variance, near-equal-size clusters (any N). ward: Ward's
-    # agglomerative clustering, restricted to merges along the kNN graph's edges, which keeps
-    # unequal classes apart (USPS: digit 0 is 16%, digit 5 is 8%); docs/method.md.
+    # centres μ_y. kmeans: seeded, kmeans_n_init restarts, favours clusters of equal size; any
+    # N. ward: Ward's agglomerative clustering with merges only along the kNN graph's edges,
+    # deterministic, sizes as the data has them (USPS: 588 to 1574); sklearn's tree over all N
+    # nodes, so for the paper's datasets rather than millions (docs/method.md).
     center_init: str = "kmeans"
     eval_every: int = 5  # joint epochs between metric lines
     checkpoint_every: int = 25  # epochs (either phase) between periodic checkpoints

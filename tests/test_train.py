@@ -142,13 +142,12 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
     """train.center_init=ward with loss.cluster_prior=init and no joint epoch: the result is
     the initial partition, which must be Ward's along the kNN graph on the smoothed pretrained
     codes (recomputed here from pretrain.pt), with μ_y its cluster means and q(y) its sizes."""
-    import scipy.sparse as sp
     import torch
     from sklearn.cluster import AgglomerativeClustering
     from sklearn.metrics import adjusted_rand_score
 
     from sddecc_dist.data import load_all, read_manifest
-    from sddecc_dist.graph.adjacency import load_graph
+    from sddecc_dist.graph import load_graph, to_scipy_csr
     from sddecc_dist.model.gcn import smooth
     from sddecc_dist.model.sddecc import SDDECC
     from sddecc_dist.stages import graph_path
@@ -167,9 +166,7 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
     model.load_state_dict(torch.load(run / "checkpoints" / "pretrain.pt", weights_only=False)["model"])
     adjacency, _ = load_graph(graph_path(data_dir, config.graph.k))
     codes = smooth(adjacency, model.mean_codes(images, "cpu"), 4).numpy()
-    edges = sp.csr_matrix((adjacency.values().numpy(), adjacency.col_indices().numpy(),
-                           adjacency.crow_indices().numpy()), shape=tuple(adjacency.shape))
-    reference = AgglomerativeClustering(10, linkage="ward", connectivity=edges).fit(codes).labels_
+    reference = AgglomerativeClustering(10, linkage="ward", connectivity=to_scipy_csr(adjacency)).fit(codes).labels_
     assert adjusted_rand_score(reference, initial) == pytest.approx(1.0)
 
     final = torch.load(run / "checkpoints" / "final.pt", weights_only=False)["model"]

@@ -8,6 +8,7 @@ from .adjacency import (
     renormalize,
     save_graph,
     symmetric_adjacency,
+    to_scipy_csr,
 )
 from .distributed import assign_shards, build_graph_sharded
 from .knn import INDEX_TYPES, GraphError, IndexParams, knn_graph, knn_search, resolve_use_gpu
@@ -50,4 +51,5 @@ __all__ = [
     "save_graph",
     "save_partitions",
     "symmetric_adjacency",
+    "to_scipy_csr",
 ]

@@ -166,6 +166,12 @@ def save_graph(path: str | os.PathLike, adjacency: torch.Tensor, neighbors: np.n
         raise
 
 
+def to_scipy_csr(adjacency: torch.Tensor) -> sp.csr_matrix:
+    """A torch CSR adjacency (as ``load_graph`` returns it, on the CPU) as a scipy CSR matrix."""
+    return sp.csr_matrix((adjacency.values().numpy(), adjacency.col_indices().numpy(),
+                          adjacency.crow_indices().numpy()), shape=tuple(adjacency.shape))
+
+
 def load_graph(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     """Read a file written by ``save_graph``; return (CSR adjacency, meta).
 

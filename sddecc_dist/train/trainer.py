@@ -40,7 +40,6 @@ from accelerate.utils import (
     set_seed,
 )
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from sddecc_dist.config import Config, ConfigError, method_name, to_dict
 from sddecc_dist.data import (
@@ -54,9 +53,10 @@ from sddecc_dist.data import (
     stream_share,
     stream_subgraphs,
 )
-from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency
+from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
 from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.gcn import propagate, smooth
+from sddecc_dist.model.initial_partition import initial_partition
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import (
     ensure_graph,
@@ -276,11 +276,6 @@ def _score(assignments: np.ndarray, labels: np.ndarray | None) -> dict:
     return clustering_scores(labels, assignments) if labels is not None else {}
 
 
-def _to_scipy(adjacency: torch.Tensor) -> sp.csr_matrix:
-    return sp.csr_matrix((adjacency.values().numpy(), adjacency.col_indices().numpy(),
-                          adjacency.crow_indices().numpy()), shape=tuple(adjacency.shape))
-
-
 def _rows_of(adjacency: sp.csr_matrix, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the normalised adjacency, all columns, as a torch CSR tensor."""
     rows = sp.csr_matrix(adjacency[ids.numpy()], dtype=np.float32)
@@ -368,14 +363,8 @@ def _initial_clusters(core, chunks, ids, adjacency, adjacency_sp, n, config: Con
     smoothing = config.train.center_init_smoothing if adjacency is not None else 0
     if smoothing:
         codes = smooth(adjacency, codes.to(accelerator.device), smoothing).cpu()
-    codes = codes.numpy()
-    if config.train.center_init == "ward":
-        # connectivity: only clusters joined by a kNN edge may merge (sparse, so no N x N
-        # distance matrix); sklearn joins disconnected components itself, with a warning.
-        labels = AgglomerativeClustering(n_clusters, linkage="ward", connectivity=adjacency_sp).fit(codes).labels_
-        return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
-    kmeans = KMeans(n_clusters, n_init=config.train.kmeans_n_init, random_state=config.seed).fit(codes)
-    return kmeans.labels_, kmeans.cluster_centers_
+    return initial_partition(codes.numpy(), n_clusters, config.train.center_init, graph=adjacency_sp,
+                             n_init=config.train.kmeans_n_init, seed=config.seed)
 
 
 def _reset_moments(optimizer) -> None:
@@ -461,7 +450,7 @@ def train(config: Config) -> dict:
                 part_dir = ensure_partitioned_shards(config.data_dir, config.graph.k, n_parts,
                                                      train_cfg.partition_method, train_cfg.partitions_per_shard,
                                                      seed=config.seed)
-        adjacency_sp = _to_scipy(adjacency)
+        adjacency_sp = to_scipy_csr(adjacency)
         if not full_batch:
             neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k))
             sym_adjacency = symmetric_adjacency(neighbors, n)

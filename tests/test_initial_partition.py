@@ -1,0 +1,51 @@
+"""The initial partition that starts the centres: k-means, or Ward along the kNN graph."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.cluster import KMeans
+
+from sddecc_dist.model.initial_partition import initial_partition
+
+# Four points on a line; the partition into two that Ward's criterion prefers is {0, 1}, {5, 6}.
+LINE = np.array([[0.0], [1.0], [5.0], [6.0]])
+
+
+def _graph(edges, n=4):
+    rows, cols = zip(*edges)
+    return sp.csr_matrix((np.ones(len(edges)), (rows, cols)), shape=(n, n))
+
+
+def _same_partition(labels, groups):
+    return sorted(sorted(np.flatnonzero(labels == c).tolist()) for c in np.unique(labels)) == sorted(groups)
+
+
+def test_ward_merges_only_along_graph_edges():
+    # With every pair connected, Ward gives {0, 1}, {2, 3}.
+    complete = _graph([(i, j) for i in range(4) for j in range(4) if i != j])
+    labels, _ = initial_partition(LINE, 2, "ward", graph=complete)
+    assert _same_partition(labels, [[0, 1], [2, 3]])
+    # Edges 0-2, 1-3, 2-3 only: {2, 3} merge first (cost ½·1² = 0.5); then {2, 3} may join
+    # 0 (cost ⅔·5.5² = 20.2) or 1 (cost ⅔·4.5² = 13.5), never 0 with 1 directly.
+    labels, centres = initial_partition(LINE, 2, "ward", graph=_graph([(0, 2), (1, 3), (2, 3)]))
+    assert _same_partition(labels, [[0], [1, 2, 3]])
+    np.testing.assert_allclose(sorted(centres[:, 0]), [0.0, 4.0])
+
+
+def test_centres_are_the_cluster_means_and_kmeans_is_sklearns():
+    codes = np.random.default_rng(0).normal(size=(200, 3)) + np.repeat(np.eye(3) * 6, [70, 80, 50], axis=0)
+    for method, graph in (("kmeans", None), ("ward", _graph([(i, (i + 1) % 200) for i in range(200)], 200))):
+        labels, centres = initial_partition(codes, 3, method, graph=graph, n_init=4, seed=1)
+        for c in range(3):
+            np.testing.assert_allclose(centres[c], codes[labels == c].mean(0), atol=1e-6)
+    reference = KMeans(3, n_init=4, random_state=1).fit(codes)
+    labels, centres = initial_partition(codes, 3, "kmeans", n_init=4, seed=1)
+    assert (labels == reference.labels_).all()
+    np.testing.assert_allclose(centres, reference.cluster_centers_)
+
+
+def test_bad_method_or_missing_graph_is_named():
+    with pytest.raises(ValueError, match="unknown initial partition 'spectral'"):
+        initial_partition(LINE, 2, "spectral")
+    with pytest.raises(ValueError, match="ward start merges along the kNN graph"):
+        initial_partition(LINE, 2, "ward")

@@ -174,3 +174,13 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
     np.testing.assert_allclose(final["centers"].numpy(), means, atol=1e-4)
     np.testing.assert_allclose(final["cluster_prior"].numpy(), np.bincount(initial, minlength=10) / len(initial),
                                atol=1e-7)
+
+    # The joint stage rerun alone from that pretraining (train.init_from), given a model file
+    # written before q(y) was saved with the model: the same Ward start, deterministically.
+    old_style = torch.load(run / "checkpoints" / "pretrain.pt", weights_only=False)
+    del old_style["model"]["cluster_prior"]
+    torch.save(old_style, tmp_path / "old-pretrain.pt")
+    train(_short_config(tmp_path, data_dir, "ward-again", "train.center_init=ward", "loss.cluster_prior=init",
+                        "train.center_init_smoothing=4", "train.head_warmup_epochs=0", "train.joint_epochs=0",
+                        f"train.init_from={tmp_path / 'old-pretrain.pt'}"))
+    assert (np.loadtxt(tmp_path / "ward-again" / "initial_assignments.txt", dtype=int) == initial).all()

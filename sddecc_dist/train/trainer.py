@@ -478,7 +478,8 @@ def train(config: Config) -> dict:
     position, extra = Position(), {}
     if train_cfg.init_from:
         state = torch.load(train_cfg.init_from, map_location="cpu", weights_only=False)
-        core.load_state_dict(state["model"])
+        # A pretrained model written before q(y) was a buffer: its q(y) was the uniform one.
+        core.load_state_dict({"cluster_prior": core.cluster_prior, **state["model"]})
         _sync_deepspeed_master(optimizer)
         position = Position("joint", 0, 0)
         log(f"pretrained model from {train_cfg.init_from}: pretraining skipped")

@@ -101,6 +101,10 @@ class TrainConfig:
     # Joint epochs at the start that train only the GCN (DDECN and centres frozen), so that a
     # randomly initialised GCN does not pull the codes towards arbitrary centres.
     head_warmup_epochs: int = 0
+    # What the GCN learns in those epochs. posterior: Eq. 18's mixture posterior of the frozen
+    # codes. start: the initial partition itself (cross-entropy), which Ward's is not the
+    # posterior of (docs/method.md).
+    head_warmup_target: str = "posterior"
     # In a full-batch joint step, reconstruction and MI are estimated on this many random
     # samples (unbiased); the encoder and GCN still see every node.
     joint_aux_batch_size: int = 1024
@@ -299,6 +303,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.partition_method={train.partition_method!r} must be 'metis' or 'random'")
     if config.loss.cluster_prior not in ("uniform", "init"):
         raise ConfigError(f"loss.cluster_prior={config.loss.cluster_prior!r} must be 'uniform' or 'init'")
+    if train.head_warmup_target not in ("posterior", "start"):
+        raise ConfigError(f"train.head_warmup_target={train.head_warmup_target!r} must be 'posterior' or 'start'")
     if train.center_init not in ("kmeans", "ward"):
         raise ConfigError(f"train.center_init={train.center_init!r} must be 'kmeans' or 'ward'")
     if train.mixed_precision not in (None, "no", "fp16", "bf16"):

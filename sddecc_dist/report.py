@@ -189,6 +189,7 @@ ADDITIONS = {
 CHOICES = [
     ("train", "center_init", "kmeans", "Ward start", True),
     ("loss", "cluster_prior", "uniform", "q(y) from the start", False),
+    ("train", "head_warmup_target", "posterior", "head warm-up on the start", False),
 ]
 
 
@@ -456,7 +457,8 @@ def markdown_report(groups: list[Group], title: str | None = None,
         "run's config.yaml (— where it has none). *Additions* are what a run's config adds to the "
         "paper's method: joint-phase terms Eq. 19 does not have (cluster balance, Eq. 18 on "
         "graph-smoothed codes, neighbour consistency), a Ward instead of a k-means start, q(y) "
-        "from the start's cluster sizes instead of uniform (docs/method.md); — for none: a row "
+        "from the start's cluster sizes instead of uniform, a head warm-up on the start's labels "
+        "(docs/method.md); — for none: a row "
         "with additions is our method, not the paper's. The **label-selected** column is the mean over "
         "runs of the best logged joint-epoch ACC and the NMI of that epoch, with the epochs: "
         "picking that epoch needs the labels, so it is **not a result**, only a measure of how "

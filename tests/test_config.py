@@ -59,6 +59,7 @@ def test_unknown_keys_are_rejected_with_their_name(tmp_path):
     ("loss.cluster_code_smoothing=-1", "loss.cluster_code_smoothing=-1 must be >= 0"),
     ("train.center_init=spectral", "train.center_init='spectral' must be 'kmeans' or 'ward'"),
     ("loss.cluster_prior=learnt", "loss.cluster_prior='learnt' must be 'uniform' or 'init'"),
+    ("train.head_warmup_target=labels", "train.head_warmup_target='labels' must be 'posterior' or 'start'"),
 ])
 def test_bad_values_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -87,4 +88,4 @@ def test_graph_terms_without_the_gcn_are_rejected():
         assert config.train.center_init == "kmeans"
     for variant in ("convae", "convae_mi"):  # rows of the paper's Table 4: its uniform q(y)
         config = load_config(["configs/paper/usps.yaml", f"configs/ablations/{variant}.yaml"], [])
-        assert config.loss.cluster_prior == "uniform"
+        assert config.loss.cluster_prior == "uniform" and config.train.head_warmup_target == "posterior"

@@ -167,3 +167,18 @@ def test_structural_terms_smooth_the_codes_of_equation_18_and_score_neighbours()
     expected_part = losses.clustering_kl(smoothed[index], encoded.logvar[index], y[index], model.centers)
     assert part.parts["cluster_kl"] == pytest.approx(expected_part.item(), rel=1e-5)
     assert part.parts["neighbour"] == pytest.approx(losses.neighbour_consistency(y, adjacency, index).item(), rel=1e-5)
+
+
+def test_head_warm_up_towards_the_start_is_cross_entropy_and_trains_only_the_head():
+    n = 20
+    adjacency, model, x = _small_graph_model(n)
+    cfg = LossConfig(mi_weight=0.0, neighbour_weight=1.0, balance_weight=5.0)
+    index = torch.tensor([0, 3, 4, 9, 17])
+    start = torch.tensor([2, 0, 0, 1, 2])  # the start's cluster of each node of `index`
+    terms, y = model("head", x, adjacency=adjacency, loss_config=cfg, loss_index=index, start_labels=start)
+    assert set(terms.parts) == {"start_ce"}  # no Eq. 18, balance or neighbour term
+    expected = -np.mean([math.log(y[i, c].item()) for i, c in zip(index.tolist(), start.tolist())])
+    assert terms.total.item() == pytest.approx(expected, rel=1e-5)
+    terms.total.backward()
+    assert all(p.grad is None for p in model.encoder.parameters()) and model.centers.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head_parameters())

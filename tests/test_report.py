@@ -291,11 +291,11 @@ def test_additions_to_the_paper_method_split_groups_and_are_named(tmp_path):
     assert kmeans.additions == "—"
     # a Ward start is the result without a joint phase too; q(y) only matters with one
     ward = load_run(make_run(tmp_path / "ward", loss_extra={"cluster_prior": "init"},
-                             train={"center_init": "ward"}))
-    assert ward.additions == "Ward start, q(y) from the start"
+                             train={"center_init": "ward", "head_warmup_target": "start"}))
+    assert ward.additions == "Ward start, q(y) from the start, head warm-up on the start"
     ward_kmeans = load_run(make_run(tmp_path / "ward-kmeans", method="ConvAE+K-means",
                                     loss_extra={"cluster_prior": "init", "cluster_kl": False},
-                                    train={"center_init": "ward"}))
+                                    train={"center_init": "ward", "head_warmup_target": "start"}))
     assert ward_kmeans.additions == "Ward start"
     with pytest.raises(ReportError, match="loss.neighbour_weight is not a number"):
         load_run(make_run(tmp_path / "bad", loss_extra={"neighbour_weight": "high"}))

@@ -184,3 +184,20 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
                         "train.center_init_smoothing=4", "train.head_warmup_epochs=0", "train.joint_epochs=0",
                         f"train.init_from={tmp_path / 'old-pretrain.pt'}"))
     assert (np.loadtxt(tmp_path / "ward-again" / "initial_assignments.txt", dtype=int) == initial).all()
+
+
+def test_warm_up_towards_the_ward_start_learns_it_and_resumes_exactly(tmp_path):
+    """train.head_warmup_target=start: the GCN first learns the initial partition (read back
+    from initial_assignments.txt when a run resumes inside the warm-up)."""
+    data_dir = tmp_path / "data"
+    keys = ("train.center_init=ward", "loss.cluster_prior=init", "train.head_warmup_target=start",
+            "train.head_warmup_epochs=8", "train.eval_every=1")
+    train(_short_config(tmp_path, data_dir, "a", *keys))
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    start_ce = [line["start_ce"] for line in lines if "start_ce" in line]
+    # from about log 10 (a random head) to well below it: the head fits the start's labels
+    assert len(start_ce) == 8 and start_ce[-1] < 0.7 * np.log(10) < start_ce[0]
+    # interrupted after joint epoch 6 (checkpoint at 5, inside the warm-up), then resumed
+    train(_short_config(tmp_path, data_dir, "c", *keys, "train.joint_epochs=6"))
+    train(_short_config(tmp_path, data_dir, "c", *keys, "train.resume=true"))
+    assert (tmp_path / "c" / "assignments.txt").read_text() == (tmp_path / "a" / "assignments.txt").read_text()

@@ -159,14 +159,21 @@ class SDDECC(nn.Module):
         loss_config: LossConfig,
         loss_index: torch.Tensor | None = None,
         running_marginal: tuple[torch.Tensor, float] | None = None,
+        start_labels: torch.Tensor | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
-        """Clustering KL with the DDECN frozen: only the GCN (or head) learns. Lets Y approach
-        the mixture posterior of the pretrained codes before Y is allowed to move them."""
+        """The DDECN frozen, only the GCN (or head) learns, before Y is allowed to move the
+        codes: towards the mixture posterior of the pretrained codes (Eq. 18), or, given
+        `start_labels` (the initial partition's cluster of each node `loss_index`), towards that
+        partition itself (cross-entropy)."""
         with torch.no_grad():
             encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self._cluster_terms(encoded, y, self.centers.detach(), self.cluster_prior, loss_config, loss_index,
-                                    running_marginal, adjacency)
+        if start_labels is not None:
+            rows = y if loss_index is None else y[loss_index]
+            terms = {"start_ce": -torch.log(rows.gather(1, start_labels[:, None]).clamp_min(1e-12)).mean()}
+        else:
+            terms = self._cluster_terms(encoded, y, self.centers.detach(), self.cluster_prior, loss_config,
+                                        loss_index, running_marginal, adjacency)
         return self._weighted(terms, loss_config), y.detach()
 
     @staticmethod
@@ -209,6 +216,7 @@ class SDDECC(nn.Module):
             "cluster_kl": loss_config.kl_weight,
             "balance": loss_config.balance_weight,
             "neighbour": loss_config.neighbour_weight,
+            "start_ce": 1.0,  # the only term of a warm-up towards the initial partition
         }
         total = sum(weights[name] * value for name, value in terms.items())
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})

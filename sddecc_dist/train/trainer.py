@@ -571,6 +571,12 @@ def train(config: Config) -> dict:
 
         # 6. joint training ----------------------------------------------------------------------
         joint_epochs = train_cfg.joint_epochs if loss_config.cluster_kl else 0
+        start_labels = None
+        if train_cfg.head_warmup_target == "start" and position.epoch < train_cfg.head_warmup_epochs:
+            # step 5's partition; a resumed run reads it back from the file step 5 wrote
+            accelerator.wait_for_everyone()  # the main process wrote it
+            partition = np.loadtxt(run.dir / "initial_assignments.txt", dtype=np.int64)
+            start_labels = torch.from_numpy(partition).to(accelerator.device)
         if full_batch:
             x_all = images.to(accelerator.device)
             own_ids = share_ids.to(accelerator.device)  # this rank's loss nodes
@@ -610,6 +616,8 @@ def train(config: Config) -> dict:
                     kwargs["running_marginal"] = (marginal, len(x) / n)
                 if not warm_up:
                     kwargs["aux_index"] = aux_index
+                elif start_labels is not None:  # the loss nodes' clusters in the initial partition
+                    kwargs["start_labels"] = start_labels[own_ids if full_batch else ids.to(accelerator.device)]
                 terms, y = model(phase, x, **kwargs)
                 accelerator.backward(terms.total)
                 optimizer.step()

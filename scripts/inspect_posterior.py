@@ -1,6 +1,7 @@
 """What a trained model's clustering rests on: code scale, centre spacing, how sharp Y is, and
 how far Y (the GCN's or the linear head's) departs from the mixture posterior of each sample's
-own code, p(y|z) ∝ exp(-½‖z - μ_y‖²), that Eq. 18 trains it towards.
+own code, p(y|z) ∝ q(y) exp(-½‖z - μ_y‖²), that Eq. 18 trains it towards (q(y) uniform, or
+the start's cluster sizes with loss.cluster_prior=init).
 
     python scripts/inspect_posterior.py runs/reproduce/usps/convae_mi_gcn-s0/checkpoints/final.pt
 
@@ -36,10 +37,12 @@ def main() -> None:
         encoded = model.encode(images)
         y = model.cluster_probabilities(images, encoded, adjacency)
         codes, centres = encoded.mean, model.centers
-        posterior = torch.softmax(-0.5 * torch.cdist(codes, centres) ** 2, dim=1)
+        log_prior = model.cluster_prior.log()
+        posterior = torch.softmax(-0.5 * torch.cdist(codes, centres) ** 2 + log_prior, dim=1)
         t = config.loss.cluster_code_smoothing if adjacency is not None else 0
         # With loss.cluster_code_smoothing = t, Eq. 18 sees Â^t z: the posterior Y is trained towards.
-        smoothed_posterior = torch.softmax(-0.5 * torch.cdist(smooth(adjacency, codes, t), centres) ** 2, dim=1) if t else None
+        smoothed_posterior = torch.softmax(-0.5 * torch.cdist(smooth(adjacency, codes, t), centres) ** 2 + log_prior,
+                                           dim=1) if t else None
     spacing = torch.pdist(centres)
     print(f"code std per dimension (mean over dims): {codes.std(0).mean():.3f}; "
           f"posterior sigma (mean): {encoded.logvar.mul(0.5).exp().mean():.3f}")

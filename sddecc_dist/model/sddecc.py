@@ -51,7 +51,8 @@ class SDDECC(nn.Module):
         else:
             # Ablations without structure: p(y|z) from a linear softmax head on the code.
             self.cluster_head = nn.Linear(d, n_clusters)
-        # q(z|y) = N(μ_y, I); set from k-means on the pretrained codes before the joint phase.
+        # q(z|y) = N(μ_y, I); set from the initial partition of the pretrained codes (k-means or
+        # Ward) before the joint phase.
         self.centers = nn.Parameter(torch.zeros(n_clusters, d))
         # q(y): the paper's uniform prior, or (loss.cluster_prior=init) the trainer sets it to
         # the initial partition's cluster proportions. A buffer: saved with the model, not learnt.

@@ -4,9 +4,10 @@ import torch
 
 from sddecc_dist.config import load_config
 from sddecc_dist.data import load_all, read_manifest
+from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.stages import ensure_graph, prepare_dataset
-from sddecc_dist.train.trainer import _make_accelerator, _share_chunks, _share_ids, _to_scipy, predict_layerwise
+from sddecc_dist.train.trainer import _make_accelerator, _share_chunks, _share_ids, predict_layerwise
 
 
 def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
@@ -25,6 +26,6 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
         ids = _share_ids(manifest, 0, 1)
         assert torch.equal(ids, torch.arange(len(images)))
         assert torch.equal(torch.cat([c[0] for c in chunks()]), ids)  # chunks arrive in share order
-        y = predict_layerwise(model, chunks, ids, _to_scipy(adjacency), len(images), accelerator)
+        y = predict_layerwise(model, chunks, ids, to_scipy_csr(adjacency), len(images), accelerator)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))

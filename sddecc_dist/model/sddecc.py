@@ -149,8 +149,8 @@ class SDDECC(nn.Module):
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
-        terms.update(self._cluster_terms(encoded, y, self.centers, self.cluster_prior, loss_config, loss_index,
-                                         running_marginal, adjacency))
+        terms.update(self._cluster_terms(encoded, y, self.centers, self._prior(loss_config), loss_config,
+                                         loss_index, running_marginal, adjacency))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -173,16 +173,21 @@ class SDDECC(nn.Module):
             rows = y if loss_index is None else y[loss_index]
             terms = {"start_ce": -torch.log(rows.gather(1, start_labels[:, None]).clamp_min(1e-12)).mean()}
         else:
-            terms = self._cluster_terms(encoded, y, self.centers.detach(), self.cluster_prior, loss_config,
+            terms = self._cluster_terms(encoded, y, self.centers.detach(), self._prior(loss_config), loss_config,
                                         loss_index, running_marginal, adjacency)
         return self._weighted(terms, loss_config), y.detach()
+
+    def _prior(self, loss_config: LossConfig) -> torch.Tensor | None:
+        """q(y) for the loss functions: None is the paper's uniform 1/K, computed exactly there
+        (the float32 buffer's log differs in the last bits, and runs would drift from before)."""
+        return self.cluster_prior if loss_config.cluster_prior == "init" else None
 
     @staticmethod
     def _cluster_terms(
         encoded: EncoderOutput,
         y: torch.Tensor,
         centers: torch.Tensor,
-        prior: torch.Tensor,
+        prior: torch.Tensor | None,
         loss_config: LossConfig,
         loss_index: torch.Tensor | None,
         running_marginal: tuple[torch.Tensor, float] | None,

@@ -12,12 +12,10 @@ import argparse
 
 import torch
 
-from sddecc_dist.config import config_from_dict
-from sddecc_dist.data import load_all, read_manifest
+from sddecc_dist.data import load_all
 from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
-from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.stages import ensure_graph
+from sddecc_dist.stages import ensure_graph, load_trained_model
 
 
 def main() -> None:
@@ -25,11 +23,7 @@ def main() -> None:
     parser.add_argument("checkpoint", help="a run's checkpoints/final.pt")
     args = parser.parse_args()
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    config = config_from_dict(state["config"], args.checkpoint)
-    manifest = read_manifest(config.data_dir)
-    model = SDDECC(tuple(manifest["image_shape"]), config.n_clusters or manifest["n_classes"], config.model)
-    model.load_state_dict(state["model"])
+    config, manifest, model = load_trained_model(args.checkpoint)
     model.eval()
     images, labels = load_all(config.data_dir, manifest)
     adjacency = ensure_graph(config.data_dir, config.graph.k, images) if config.model.use_gcn else None

@@ -10,16 +10,12 @@ starts the joint phase from.
 
 import argparse
 
-import torch
-
-from sddecc_dist.config import config_from_dict
-from sddecc_dist.data import load_all, read_manifest
+from sddecc_dist.data import load_all
 from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.initial_partition import initial_partition
-from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.stages import ensure_graph
+from sddecc_dist.stages import ensure_graph, load_trained_model
 
 
 def main() -> None:
@@ -30,12 +26,8 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", choices=["kmeans", "ward"], default=["kmeans"])
     args = parser.parse_args()
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    config = config_from_dict(state["config"], args.checkpoint)  # the run's own resolved config
-    manifest = read_manifest(config.data_dir)
-    n_clusters = config.n_clusters or manifest["n_classes"]
-    model = SDDECC(tuple(manifest["image_shape"]), n_clusters, config.model)
-    model.load_state_dict(state["model"])
+    config, manifest, model = load_trained_model(args.checkpoint)  # with the run's own resolved config
+    n_clusters = model.n_clusters
     images, labels = load_all(config.data_dir, manifest)
     codes = model.mean_codes(images, "cpu")
     adjacency = ensure_graph(config.data_dir, config.graph.k, images)

@@ -22,26 +22,33 @@ from scipy.stats import multivariate_normal
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from sddecc_dist.config import config_from_dict
-from sddecc_dist.data import load_all, read_manifest
+from sddecc_dist.data import load_all
 from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.initial_partition import initial_partition
-from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.stages import ensure_graph
+from sddecc_dist.stages import ensure_graph, load_trained_model
 
 REG_COVAR = 1e-6
 
 
-def mixture_from_partition(codes: np.ndarray, labels: np.ndarray, n_clusters: int,
-                           covariance_type: str, max_iter: int) -> GaussianMixture:
-    """A GaussianMixture initialised at the partition's cluster weights, means and covariances
-    (its M-step on one-hot responsibilities), through scikit-learn's documented *_init arguments."""
+def partition_moments(codes: np.ndarray, labels: np.ndarray, n_clusters: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cluster's weight (K,), mean (K, d) and covariance (K, d, d): the M-step of a
+    Gaussian mixture on the partition's one-hot responsibilities."""
     weights = np.bincount(labels, minlength=n_clusters) / len(labels)
     means = np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
-    covariances = [np.cov(codes[labels == c].T, bias=True) + REG_COVAR * np.eye(codes.shape[1])
-                   for c in range(n_clusters)]
+    covariances = np.stack([np.cov(codes[labels == c].T, bias=True) + REG_COVAR * np.eye(codes.shape[1])
+                            for c in range(n_clusters)])
+    return weights, means, covariances
+
+
+def mixture_from_partition(moments: tuple[np.ndarray, np.ndarray, np.ndarray], covariance_type: str,
+                           max_iter: int) -> GaussianMixture:
+    """A GaussianMixture initialised at a partition's moments, through scikit-learn's documented
+    *_init arguments."""
+    weights, means, covariances = moments
+    n_clusters = len(weights)
     if covariance_type == "full":
         precisions = np.stack([np.linalg.inv(c) for c in covariances])
     elif covariance_type == "diag":
@@ -71,12 +78,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["kmeans", "ward"], default="ward")
     args = parser.parse_args()
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    config = config_from_dict(state["config"], args.checkpoint)
-    manifest = read_manifest(config.data_dir)
-    n_clusters = config.n_clusters or manifest["n_classes"]
-    model = SDDECC(tuple(manifest["image_shape"]), n_clusters, config.model)
-    model.load_state_dict(state["model"])
+    config, manifest, model = load_trained_model(args.checkpoint)
+    n_clusters = model.n_clusters
     images, labels = load_all(config.data_dir, manifest)
     labels = labels.numpy()
     adjacency = ensure_graph(config.data_dir, config.graph.k, images)
@@ -90,10 +93,11 @@ def main() -> None:
 
     start, _ = initial_partition(codes, n_clusters, args.method, graph=graph, seed=config.seed)
     report(f"{args.method} start on Â^{args.smoothing} codes", start)
+    moments = partition_moments(codes, start, n_clusters)
 
     for covariance_type in ("spherical", "diag", "full"):
         for max_iter in (1, 5, 100):
-            mixture = mixture_from_partition(codes, start, n_clusters, covariance_type, max_iter)
+            mixture = mixture_from_partition(moments, covariance_type, max_iter)
             with warnings.catch_warnings():  # stopping early is the point of max_iter 1 and 5
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 mixture.fit(codes)
@@ -105,10 +109,9 @@ def main() -> None:
     off_diagonal = edges.row != edges.col
     rows, cols = edges.row[off_diagonal], edges.col[off_diagonal]
     disagreeing = np.bincount(rows[start[rows] != start[cols]], minlength=len(start))
-    log_joint = np.stack([
-        multivariate_normal(codes[start == c].mean(0),
-                            np.cov(codes[start == c].T, bias=True) + REG_COVAR * np.eye(codes.shape[1])).logpdf(codes)
-        + np.log(np.mean(start == c)) for c in range(n_clusters)], axis=1)
+    weights, means, covariances = moments
+    log_joint = np.stack([multivariate_normal(mean, covariance).logpdf(codes) + np.log(weight)
+                          for weight, mean, covariance in zip(weights, means, covariances)], axis=1)
     own = softmax(log_joint, axis=1)[np.arange(len(start)), start]
     core = (disagreeing == 0) & (own > 0.9)
     print(f"confident core: {core.mean():.3f} of the samples")

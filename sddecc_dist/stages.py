@@ -4,6 +4,7 @@
     graph:    shards      -> graph-k{k}.pt                (sddecc graph)
 
 Each can be rerun alone; training calls them only for artifacts that are missing.
+`load_trained_model` reads a run's checkpoint back for the analysis scripts.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sddecc_dist.config import GraphConfig
+from sddecc_dist.config import Config, GraphConfig, config_from_dict
 from sddecc_dist.data import load_all, load_source, read_manifest, write_shards
 from sddecc_dist.graph import GraphError, IndexParams, build_graph, build_graph_sharded, load_graph, save_graph
+from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.utils import console
 
 
@@ -157,3 +159,16 @@ def ensure_partitioned_shards(
                 f"({meta['inside_edge_fraction']:.3f} of edges inside) in {len(manifest['shards'])} "
                 f"shard(s) -> {out}")
     return out
+
+
+def load_trained_model(checkpoint: str | Path, data_dir: str | Path | None = None) -> tuple[Config, dict, SDDECC]:
+    """(the run's resolved config, its dataset's manifest, the model with the checkpoint's weights).
+
+    The manifest is read from `data_dir`, by default the config's own (pass it for a run folder
+    moved away from its data); the number of clusters is the config's, else the manifest's."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = config_from_dict(state["config"], str(checkpoint))
+    manifest = read_manifest(config.data_dir if data_dir is None else data_dir)
+    model = SDDECC(tuple(manifest["image_shape"]), config.n_clusters or manifest["n_classes"], config.model)
+    model.load_state_dict(state["model"])
+    return config, manifest, model

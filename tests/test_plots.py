@@ -1,4 +1,5 @@
-"""Figures 6 and 7: a t-SNE PNG from a real (tiny) run, the λ grid's averaging and its heatmaps."""
+"""Figures 6 and 7: a t-SNE PNG from a real (tiny) run, the λ grid's averaging and its heatmaps;
+the same run read back by `load_trained_model` (the analysis scripts' loader)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 from PIL import Image
 
 from sddecc_dist.config import load_config
-from sddecc_dist.data import DataError, RawDataset, write_shards
+from sddecc_dist.data import DataError, RawDataset, load_all, write_shards
 from sddecc_dist.plots import (
     DPI,
     HEATMAP_FIGSIZE,
@@ -23,6 +24,7 @@ from sddecc_dist.plots import (
     lambda_heatmaps,
     sample_indices,
 )
+from sddecc_dist.stages import ensure_graph, load_trained_model
 from sddecc_dist.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +66,18 @@ def test_tsne_png_of_a_real_run(tiny_run, tmp_path):
 def test_tsne_of_the_pretrained_checkpoint(tiny_run, tmp_path):
     out = embedding_tsne(tiny_run / "run", tmp_path / "pre.png", n_samples=100, seed=1, checkpoint="pretrain.pt")
     assert _distinct_colours(_png(out)) > 20
+
+
+def test_trained_model_read_back_predicts_the_runs_assignments(tiny_run):
+    config, manifest, model = load_trained_model(tiny_run / "run" / "checkpoints" / "final.pt")
+    assert config.output_dir == str(tiny_run / "run") and manifest["count"] == 1797
+    images, _ = load_all(config.data_dir, manifest)
+    adjacency = ensure_graph(config.data_dir, config.graph.k, images)
+    model.eval()
+    with torch.no_grad():
+        y = model.cluster_probabilities(images, model.encode(images), adjacency)
+    saved = np.loadtxt(tiny_run / "run" / "assignments.txt", dtype=np.int64)
+    assert y.shape == (1797, model.n_clusters) and np.array_equal(y.argmax(1).numpy(), saved)
 
 
 def test_sample_indices_are_seeded_and_capped():

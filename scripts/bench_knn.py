@@ -55,7 +55,8 @@ def gaussian_mixture(n: int, d: int = 64, components: int = 100, latent: int = 8
 def run_case(args: argparse.Namespace) -> int:
     import faiss
 
-    from sddecc_dist.graph import IndexParams, knn_graph, normalized_adjacency
+    from sddecc_dist.config import IndexParams
+    from sddecc_dist.graph import knn_graph, normalized_adjacency
 
     started = time.perf_counter()
     if args.case == "mnist":

@@ -13,9 +13,10 @@ import argparse
 import torch
 
 from sddecc_dist.data import load_all
-from sddecc_dist.metrics import clustering_scores
+from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
-from sddecc_dist.stages import ensure_graph, load_trained_model
+from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.run_folder import load_model
 
 
 def main() -> None:
@@ -23,7 +24,8 @@ def main() -> None:
     parser.add_argument("checkpoint", help="a run's checkpoints/final.pt")
     args = parser.parse_args()
 
-    config, manifest, model = load_trained_model(args.checkpoint)
+    trained = load_model(args.checkpoint)
+    config, manifest, model = trained.config, trained.manifest, trained.model
     model.eval()
     images, labels = load_all(config.data_dir, manifest)
     adjacency = ensure_graph(config.data_dir, config.graph.k, images) if config.model.use_gcn else None

@@ -12,10 +12,11 @@ import argparse
 
 from sddecc_dist.data import load_all
 from sddecc_dist.graph import to_scipy_csr
-from sddecc_dist.metrics import clustering_scores
+from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.initial_partition import initial_partition
-from sddecc_dist.stages import ensure_graph, load_trained_model
+from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.run_folder import load_model
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", choices=["kmeans", "ward"], default=["kmeans"])
     args = parser.parse_args()
 
-    config, manifest, model = load_trained_model(args.checkpoint)  # with the run's own resolved config
+    trained = load_model(args.checkpoint)
+    config, manifest, model = trained.config, trained.manifest, trained.model  # with the run's own resolved config
     n_clusters = model.n_clusters
     images, labels = load_all(config.data_dir, manifest)
     codes = model.mean_codes(images, "cpu")

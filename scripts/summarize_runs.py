@@ -4,10 +4,11 @@
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from sddecc_dist.run_folder import RunFolder, RunFolderError
 
 FIELDS = ("acc", "nmi", "ari", "seconds", "peak_memory_mib")
 
@@ -18,11 +19,11 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for run in args.runs:
-        path = run / "metrics.json"
-        if not path.is_file():
-            print(f"error: {path} does not exist (unfinished run?)", file=sys.stderr)
+        try:
+            rows.append(RunFolder(run).read_metrics())
+        except RunFolderError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
-        rows.append(json.loads(path.read_text()))
     print("| run | " + " | ".join(FIELDS) + " |")
     print("|---" * (len(FIELDS) + 1) + "|")
     for run, row in zip(args.runs, rows):

@@ -4,11 +4,39 @@ mode: reproduce, report, baseline, plot."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from sddecc_dist.config import ConfigError
+import torch
+import torch.distributed as dist
+
+from sddecc_dist.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    GraphConfig,
+    TrainConfig,
+    add_arguments,
+    from_arguments,
+    load_config,
+)
+from sddecc_dist.data import load_all
+from sddecc_dist.eval.baselines import kmeans_on_pixels
+from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
+from sddecc_dist.paper.report import report
+from sddecc_dist.paper.reproduce import TARGETS, reproduce
+from sddecc_dist.pipeline import (
+    ensure_graph,
+    ensure_partitioned_shards,
+    ensure_partitions,
+    partitioned_dir,
+    prepare_dataset,
+)
+from sddecc_dist.run_folder import RunFolder
+from sddecc_dist.train.loop import train
 from sddecc_dist.utils import console
 
 
@@ -22,16 +50,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    from sddecc_dist.config import load_config
-    from sddecc_dist.train.trainer import train
-
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     return train(load_config(args.config, overrides))
 
 
 def _prepare(args) -> None:
-    from sddecc_dist.stages import prepare_dataset
-
     prepare_dataset(args.source, args.out, from_dir=args.from_dir, split=args.split,
                     size=args.size, samples_per_shard=args.samples_per_shard)
 
@@ -39,22 +62,11 @@ def _prepare(args) -> None:
 def _graph(args) -> None:
     """Single process, or, under torchrun / accelerate launch with WORLD_SIZE > 1, one rank of
     a sharded build (each rank reads its share of the shards; rank 0 writes the artifact)."""
-    import os
-
-    from sddecc_dist.graph import IndexParams
-    from sddecc_dist.stages import ensure_graph
-
-    params = IndexParams(index=args.index, exact_max_n=args.exact_max_n, ivf_max_n=args.ivf_max_n,
-                         nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m, train_sample=args.train_sample,
-                         recall_queries=args.recall_queries)
+    params = from_arguments(GraphConfig, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild, params=params)
+        ensure_graph(args.data_dir, params.k, use_gpu=params.use_gpu, rebuild=args.rebuild, params=params)
         return
-
-    import torch
-    import torch.distributed as dist
-
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -64,7 +76,8 @@ def _graph(args) -> None:
     try:
         if dist.get_world_size() != world_size:
             raise ConfigError(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
-        ensure_graph(args.data_dir, args.k, use_gpu=args.use_gpu, rebuild=args.rebuild, params=params, sharded=True)
+        ensure_graph(args.data_dir, params.k, use_gpu=params.use_gpu, rebuild=args.rebuild, params=params,
+                     sharded=True)
     finally:
         if started_here:
             dist.destroy_process_group()
@@ -73,48 +86,35 @@ def _graph(args) -> None:
 def _partition(args) -> None:
     """METIS partitions of the kNN graph and the shards rewritten in partition order (the
     artifacts the Cluster-GCN sampler streams); the training run builds them itself if missing."""
-    from sddecc_dist.graph import ensure_partitions
-    from sddecc_dist.stages import ensure_partitioned_shards, partitioned_dir
-
     if args.rebuild:  # both artifacts go: the shards are tied to the partition they were made from
-        ensure_partitions(args.data_dir, args.k, args.parts, args.method, args.seed, rebuild=True)
+        ensure_partitions(args.data_dir, args.k, args.parts, args.partition_method, args.seed, rebuild=True)
         shutil.rmtree(partitioned_dir(args.data_dir, args.k, args.parts), ignore_errors=True)
-    out = ensure_partitioned_shards(args.data_dir, args.k, args.parts, args.method,
+    out = ensure_partitioned_shards(args.data_dir, args.k, args.parts, args.partition_method,
                                     args.partitions_per_shard, seed=args.seed)
     print(out)
 
 
 def _evaluate(args) -> None:
     """Score a run's assignments file against the labels in a prepared data folder."""
-    import numpy as np
-
-    from sddecc_dist.data import load_all
-    from sddecc_dist.metrics import clustering_scores
-
-    path = Path(args.run_dir) / "assignments.txt"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: is {args.run_dir} a finished run folder?")
-    assignments = np.loadtxt(path, dtype=np.int64, ndmin=1)
+    run = RunFolder(args.run_dir)
+    assignments = run.read_assignments()
     _, labels = load_all(args.data_dir)
     if labels is None:
         raise ConfigError(f"{args.data_dir} has no labels to score against")
     if len(labels) != len(assignments):
-        raise ConfigError(f"{path} has {len(assignments)} assignments but {args.data_dir} has {len(labels)} samples")
+        raise ConfigError(f"{run.assignments_path} has {len(assignments)} assignments but {args.data_dir} has "
+                          f"{len(labels)} samples")
     scores = clustering_scores(labels.numpy(), assignments)
     print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))  # the result: stdout
 
 
 def _reproduce(args) -> None:
-    from sddecc_dist.reproduce import reproduce
-
     reproduce(args.target, args.dataset, list(range(args.first_seed, args.first_seed + args.seeds)),
               runs_dir=args.runs_dir, configs_dir=args.configs_dir, overrides=args.overrides,
               launcher=args.launcher, dry_run=args.dry_run, base_config=args.config, only=args.only)
 
 
 def _report(args) -> None:
-    from sddecc_dist.report import report
-
     text = report(args.runs, out=args.out, allow_unfinished=args.allow_unfinished)
     if args.out is None:
         print(text)
@@ -123,21 +123,17 @@ def _report(args) -> None:
 
 
 def _baseline(args) -> None:
-    from sddecc_dist.baselines import kmeans_on_pixels
-
     kmeans_on_pixels(args.data_dir, args.out, seed=args.seed, n_init=args.n_init, n_clusters=args.n_clusters)
 
 
 def _plot(args) -> None:
-    from sddecc_dist.plots import embedding_tsne, lambda_heatmaps
-
     if args.kind == "tsne":
         for run_dir in args.runs:
             path = embedding_tsne(run_dir, Path(args.out) / f"tsne_{Path(run_dir).name}.png",
                                   n_samples=args.samples, seed=args.seed)
             console.log(f"wrote {path}")
     else:
-        for path in lambda_heatmaps(args.runs, Path(args.out)):
+        for path in lambda_heatmaps(args.runs, args.out):
             console.log(f"wrote {path}")
 
 
@@ -145,43 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sddecc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # Flags below come from the config definitions (sddecc_dist.config): one default, one help.
     prepare = commands.add_parser("prepare", help="write a dataset as webdataset shards + dataset.json")
     prepare.add_argument("source", help="digits | usps | mnist | fashion-mnist | file.npz | image folder")
     prepare.add_argument("--out", required=True, help="output folder for shards and manifest")
-    prepare.add_argument("--from", dest="from_dir", help="read raw files from this folder instead of downloading")
-    prepare.add_argument("--split", default="all", choices=["all", "train", "test"])
-    prepare.add_argument("--size", type=int, help="resize folder images to SIZE x SIZE")
-    prepare.add_argument("--samples-per-shard", type=int, default=10000)
+    add_arguments(prepare, DataConfig, ["from_dir", "split", "size", "samples_per_shard"], {"from_dir": "--from"})
     prepare.set_defaults(func=_prepare)
 
     graph = commands.add_parser("graph", help="build the kNN graph artifact of a prepared folder")
     graph.add_argument("data_dir")
-    graph.add_argument("--k", type=int, default=3)
-    graph.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    add_arguments(graph, GraphConfig)
     graph.add_argument("--rebuild", action="store_true", help="replace an existing artifact")
-    # defaults as sddecc_dist.graph.IndexParams (and the graph: section of a config)
-    graph.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq"],
-                       help="auto: exact up to --exact-max-n samples, IVF-Flat up to --ivf-max-n, then IVF-PQ")
-    graph.add_argument("--exact-max-n", type=int, default=100_000)
-    graph.add_argument("--ivf-max-n", type=int, default=10_000_000)
-    graph.add_argument("--nlist", type=int, default=0, help="IVF lists; 0: 4 sqrt(n) per index")
-    graph.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
-    graph.add_argument("--pq-m", type=int, default=0, help="IVF-PQ bytes per vector; 0: automatic")
-    graph.add_argument("--train-sample", type=int, default=0, help="IVF training vectors; 0: automatic")
-    graph.add_argument("--recall-queries", type=int, default=1000,
-                       help="queries on which recall@k against exact search is measured (0: skip)")
     graph.add_argument("--backend", choices=["gloo", "nccl"],
                        help="torch.distributed backend when WORLD_SIZE > 1 (default: nccl if CUDA, else gloo)")
     graph.set_defaults(func=_graph)
 
     partition = commands.add_parser("partition", help="partition the kNN graph and write partition-ordered shards")
     partition.add_argument("data_dir")
-    partition.add_argument("--k", type=int, default=3)
+    add_arguments(partition, GraphConfig, ["k"])
     partition.add_argument("--parts", type=int, required=True,
                            help="number of partitions (training uses ceil(N / train.partition_size))")
-    partition.add_argument("--method", default="metis", choices=["metis", "random"])
-    partition.add_argument("--partitions-per-shard", type=int, default=8)
-    partition.add_argument("--seed", type=int, default=0, help="the run's seed (training uses its own)")
+    add_arguments(partition, TrainConfig, ["partition_method", "partitions_per_shard"],
+                  {"partition_method": "--method"})
+    add_arguments(partition, Config, ["seed"])
     partition.add_argument("--rebuild", action="store_true", help="replace existing artifacts")
     partition.set_defaults(func=_partition)
 
@@ -193,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data-dir", required=True)
     evaluate.set_defaults(func=_evaluate)
-
-    from sddecc_dist.reproduce import TARGETS
 
     reproduce = commands.add_parser(
         "reproduce", help="run (or resume) the runs of one of the paper's tables or figures and write it")

@@ -1,86 +1,137 @@
 """Typed run configuration: dataclasses loaded from YAML, with `key=value` overrides.
 
-Every key a YAML file or an override names must exist in these dataclasses; a typo is an
-error that names the key and the file, never a silently ignored setting.
+Every parameter is defined once, here, with its type, default, allowed values (a `Literal`
+type, or `min`/`max`) and help text; the YAML loader, the checks and the command-line flags
+(`add_arguments`) all read that one definition. Every key a YAML file or an override names
+must exist in these dataclasses; a typo is an error that names the key and the file, never a
+silently ignored setting.
+
+Fields that depart from the paper's method when not at the paper's value carry `paper` and
+`departure` (how the results report names the departure): the report reads them from here.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be applied."""
+    """A config file, override or parameter value that cannot be applied."""
 
+
+_NO_DEFAULT = object()
+
+
+def param(default: Any = _NO_DEFAULT, *, help: str, factory=None, min: float | None = None,
+          max: float | None = None, paper: Any = _NO_DEFAULT, departure: str | None = None,
+          joint_only: bool = True):
+    """A config field with its help text and checks.
+
+    `min`/`max`: inclusive bounds, checked by `check_fields`. `paper`: the paper's value, with
+    `departure` the report's name for any other value ("{}" is replaced by the value);
+    `joint_only`: the departure only matters when the run has a joint phase."""
+    metadata = {"help": help, "min": min, "max": max}
+    if departure is not None:
+        metadata.update(paper=paper, departure=departure, joint_only=joint_only)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---- the sections ----------------------------------------------------------------------------
 
 @dataclass
 class DataConfig:
-    # What to prepare into `data_dir` when it holds no shards yet (`sddecc prepare` arguments).
-    source: str | None = None  # dataset name, .npz file or image folder; None: data_dir must exist
-    from_dir: str | None = None  # local raw files instead of downloading
-    split: str = "all"  # the paper clusters train and test together
-    size: int | None = None  # resize image folders to size x size
-    samples_per_shard: int = 10000
-    shuffle_buffer: int = 10000  # webdataset shuffle buffer for minibatch pretraining
+    source: str | None = param(None, help="what to prepare into data_dir when it holds no shards: dataset "
+                                          "name, .npz file or image folder (None: data_dir must exist)")
+    from_dir: str | None = param(None, help="read the raw files from this folder instead of downloading")
+    split: Literal["all", "train", "test"] = param("all", help="the paper clusters train and test together")
+    size: int | None = param(None, min=1, help="resize folder images to SIZE x SIZE")
+    samples_per_shard: int = param(10000, min=1, help="samples per webdataset shard")
+    shuffle_buffer: int = param(10000, min=0, help="webdataset shuffle buffer for minibatch pretraining")
 
 
 @dataclass
-class GraphConfig:
-    k: int = 3  # neighbours per sample (the paper's k)
-    use_gpu: bool | None = None  # None: faiss-gpu when a GPU is visible, else faiss-cpu
-    # FAISS index (sddecc_dist.graph.IndexParams has the same fields and defaults).
-    # auto: exact search (flat) up to exact_max_n samples, IVF-Flat up to ivf_max_n, IVF-PQ above.
-    index: str = "auto"  # auto | flat | ivf | ivfpq
-    exact_max_n: int = 100_000  # MNIST-size sets stay exact, as in the paper
-    ivf_max_n: int = 10_000_000
-    nlist: int = 0  # IVF lists; 0: round(4 sqrt(n)), n the vectors in one index (one rank's share)
-    nprobe: int = 16  # lists searched per query: recall against speed
-    pq_m: int = 0  # IVF-PQ bytes per vector, a divisor of the dimension; 0: largest <= min(64, d/4)
-    train_sample: int = 0  # vectors for IVF/PQ training; 0: min(n, max(64 nlist, 16384))
-    recall_queries: int = 1000  # random queries for recall@k against exact search (approximate indexes)
-    seed: int = 0  # training sample and recall queries
+class IndexParams:
+    """How the FAISS kNN index is chosen and tuned: the graph functions take it, a config's
+    `graph:` section (GraphConfig) extends it, and `sddecc graph` derives its flags from it."""
+
+    index: Literal["auto", "flat", "ivf", "ivfpq"] = param(
+        "auto", help="auto: exact search (flat) up to exact_max_n samples, IVF-Flat up to ivf_max_n, "
+                     "IVF-PQ (8-bit codes) above")
+    exact_max_n: int = param(100_000, min=0, help="largest N searched exactly by auto (MNIST-size sets stay exact)")
+    ivf_max_n: int = param(10_000_000, min=0, help="largest N searched with IVF-Flat by auto")
+    nlist: int = param(0, min=0, help="IVF lists; 0: round(4 sqrt(n)), n the vectors in one index (a rank's share)")
+    nprobe: int = param(16, min=1, help="IVF lists searched per query: recall against speed")
+    pq_m: int = param(0, min=0, help="IVF-PQ bytes per vector, a divisor of the dimension; 0: the largest "
+                                    "<= min(64, d/4)")
+    train_sample: int = param(0, min=0, help="vectors for IVF/PQ training; 0: min(n, max(64 nlist, 16384))")
+    recall_queries: int = param(1000, min=0, help="random queries on which recall@k against exact search "
+                                                 "is measured for approximate indexes (0: skip)")
+    seed: int = param(0, min=0, help="seeds the training sample and the recall queries")
+
+    def check(self) -> None:
+        check_fields(self, "")
+
+
+@dataclass
+class GraphConfig(IndexParams):
+    k: int = param(3, min=1, help="neighbours per sample (the paper's k)")
+    use_gpu: bool | None = param(None, help="faiss-gpu when true; None: when a GPU is visible, else faiss-cpu")
 
 
 @dataclass
 class ModelConfig:
-    channels: list[int] = field(default_factory=lambda: [16, 32])  # paper Table 2, per layer
-    kernel_sizes: list[int] = field(default_factory=lambda: [3, 3])
-    strides: list[int] = field(default_factory=lambda: [2, 2])
-    latent_dim: int = 10
-    # Encoder layer (1-based) whose feature map C_ij feeds the local discriminator T2;
-    # None picks the middle layer, ceil(L / 2).
-    local_layer: int | None = None
-    global_disc_hidden: int = 256  # Deep InfoMax (Su) widths: 3 hidden layers
-    local_disc_hidden: int = 128
-    delta: float = 0.5  # transfer operator of Eq. 15
-    use_gcn: bool = True  # False: p(y|z) from a linear head on the code (ablations without GCN)
+    channels: list[int] = param(factory=lambda: [16, 32], min=1, help="encoder channels per layer (paper Table 2)")
+    kernel_sizes: list[int] = param(factory=lambda: [3, 3], min=1, help="encoder kernel size per layer (Table 2)")
+    strides: list[int] = param(factory=lambda: [2, 2], min=1, help="encoder stride per layer (the paper leaves it open)")
+    latent_dim: int = param(10, min=1, help="dimension of the Gaussian code z")
+    local_layer: int | None = param(None, min=1, help="encoder layer (1-based) whose feature map C_ij feeds the "
+                                                      "local discriminator T2; None: the middle, ceil(L / 2)")
+    global_disc_hidden: int = param(256, min=1, help="T1's hidden width (Deep InfoMax, 3 hidden layers)")
+    local_disc_hidden: int = param(128, min=1, help="T2's hidden width (three 1x1 convs)")
+    delta: float = param(0.5, min=0.0, max=1.0, help="transfer operator of Eq. 15")
+    use_gcn: bool = param(True, help="False: p(y|z) from a linear head on the code (ablations without GCN)")
 
 
 @dataclass
 class LossConfig:
-    recon_weight: float = 1.0  # multiplies 1/2 ||x - x_hat||^2 (Eq. 13); see docs/method.md
-    mi_weight: float = 0.01  # lambda_1 (Eq. 12); 0 switches both MI terms off
-    global_mi: bool = True  # T1(x, z)
-    local_mi: bool = True  # T2(C_ij, z)
-    kl_weight: float = 1.0  # lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly
-    prior_kl: bool = True  # pretraining: KL(p(z|x) || N(0, I))
-    cluster_kl: bool = True  # joint phase: Eq. 18; False trains no clustering head (ConvAE + k-means)
-    # KL(mean cluster usage || q(y)), the balance the paper asks of q(y); 0 = Eq. 18 only.
-    balance_weight: float = 0.0
-    # q(y) in Eq. 18 and the balance term. uniform: the paper's. init: the cluster proportions
-    # of the initial partition (train.center_init), fixed, for unequal classes (docs/method.md).
-    cluster_prior: str = "uniform"
-    # -log(Y_i . Y_j) over the kNN graph's edges: neighbours should share a cluster; 0 = off.
-    neighbour_weight: float = 0.0
-    # Eq. 18 on the codes smoothed t times over the graph (Â^t mean); 0 = each node's own code.
-    cluster_code_smoothing: int = 0
+    """Each weight multiplies one loss term (sddecc_dist.model.losses names which)."""
+
+    recon_weight: float = param(1.0, min=0.0, help="multiplies 1/2 ||x - x_hat||^2 (Eq. 13); see docs/method.md")
+    mi_weight: float = param(0.01, min=0.0, help="lambda_1 (Eq. 12); 0 switches both MI terms off")
+    global_mi: bool = param(True, help="T1(x, z)")
+    local_mi: bool = param(True, help="T2(C_ij, z)")
+    kl_weight: float = param(1.0, min=0.0, help="lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly")
+    prior_kl: bool = param(True, help="pretraining: KL(p(z|x) || N(0, I))")
+    cluster_kl: bool = param(True, help="joint phase: Eq. 18; false trains no clustering head (ConvAE + k-means)")
+    balance_weight: float = param(0.0, min=0.0, paper=0.0, departure="balance {}",
+                                  help="KL(mean cluster usage || q(y)), the balance the paper asks of q(y)")
+    cluster_prior: Literal["uniform", "init"] = param(
+        "uniform", paper="uniform", departure="q(y) from the start",
+        help="q(y) in Eq. 18 and the balance term. uniform: the paper's. init: the cluster proportions of "
+             "the initial partition (train.center_init), fixed, for unequal classes (docs/method.md)")
+    neighbour_weight: float = param(0.0, min=0.0, paper=0.0, departure="neighbour {}",
+                                    help="-log(Y_i . Y_j) over the kNN graph's edges: neighbours share a cluster")
+    cluster_code_smoothing: int = param(0, min=0, paper=0, departure="Eq. 18 on Â^{} codes",
+                                        help="Eq. 18 on the codes smoothed t times over the graph (Â^t mean); "
+                                             "0: each node's own code")
+    self_training_weight: float = param(0.0, min=0.0, paper=0.0, departure="self-training {}",
+                                        help="KL(P || Y) towards DEC's sharpened target P ∝ Y² / cluster "
+                                             "frequency (Xie et al. 2016), P held fixed in each step")
+
+    @property
+    def cluster_kl_weight(self) -> float:
+        """The weight of Eq. 18 in the joint phase: λ2, or 0 when it is switched off."""
+        return self.kl_weight if self.cluster_kl else 0.0
 
     @property
     def uses_prior_kl(self) -> bool:
@@ -90,63 +141,57 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    pretrain_epochs: int = 30
-    pretrain_batch_size: int = 256
-    pretrain_lr: float = 1e-3
-    joint_epochs: int = 100  # full-batch steps over the whole graph, as SDCN
-    joint_lr: float = 1e-3  # DDECN and centres in the joint phase
-    # The GCN (or linear head) starts from random weights and must catch up with a pretrained
-    # encoder in a few hundred full-batch steps: it gets its own, larger learning rate.
-    head_lr: float = 1e-2
-    # Joint epochs at the start that train only the GCN (DDECN and centres frozen), so that a
-    # randomly initialised GCN does not pull the codes towards arbitrary centres.
-    head_warmup_epochs: int = 0
-    # What the GCN learns in those epochs. posterior: Eq. 18's mixture posterior of the frozen
-    # codes. start: the initial partition itself (cross-entropy), which Ward's is not the
-    # posterior of (docs/method.md).
-    head_warmup_target: str = "posterior"
-    # In a full-batch joint step, reconstruction and MI are estimated on this many random
-    # samples (unbiased); the encoder and GCN still see every node.
-    joint_aux_batch_size: int = 1024
-    kmeans_n_init: int = 20
-    # k-means for the centres runs on the codes smoothed t times over the graph (Â^t Z); the
-    # GCN's Y is graph-smoothed too, and single-seed k-means on raw codes varies a lot.
-    center_init_smoothing: int = 4
-    # How those smoothed codes are partitioned into the first clusters, whose means become the
-    # centres μ_y. kmeans: seeded, kmeans_n_init restarts, favours clusters of equal size; any
-    # N. ward: Ward's agglomerative clustering with merges only along the kNN graph's edges,
-    # deterministic, sizes as the data has them (USPS: 588 to 1574); sklearn's tree over all N
-    # nodes, so for the paper's datasets rather than millions (docs/method.md).
-    center_init: str = "kmeans"
-    eval_every: int = 5  # joint epochs between metric lines
-    checkpoint_every: int = 25  # epochs (either phase) between periodic checkpoints
-    keep_checkpoints: int = 2  # newest checkpoint folders kept in <output_dir>/checkpoints
-    resume: bool = False  # continue from the latest valid checkpoint in the run folder
-    # A pretrained model file (a run's checkpoints/pretrain.pt): skip pretraining, start at
-    # the centres and joint phase (reruns the joint stage alone on a fixed pretraining).
-    init_from: str | None = None
-    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    # Joint-phase sampler. full: every step is the whole graph (the paper's and SDCN's
-    # setting, small sets). cluster: Cluster-GCN, each step the union of `partitions_per_batch`
-    # METIS partitions of about `partition_size` nodes, streamed from partition-ordered shards.
-    joint_sampler: str = "full"
-    partition_size: int = 1000
-    partitions_per_batch: int = 4
-    partition_method: str = "metis"  # metis | random
-    partitions_per_shard: int = 8
-    inference_batch_size: int = 4096  # nodes per chunk in layer-wise full-graph inference
-    # None: whatever `accelerate launch` / its config says (no, fp16, bf16).
-    mixed_precision: str | None = None
-    gradient_accumulation_steps: int = 1  # pretraining micro-batches per optimiser step
+    pretrain_epochs: int = param(30, min=0, help="minibatch epochs of DDECN pretraining")
+    pretrain_batch_size: int = param(256, min=1, help="global batch: split over processes and accumulation")
+    pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
+    joint_epochs: int = param(100, min=0, help="joint epochs (full sampler: one step over the whole graph each)")
+    joint_lr: float = param(1e-3, min=0.0, help="DDECN and centres in the joint phase")
+    head_lr: float = param(1e-2, min=0.0, help="the GCN (or linear head): it starts from random weights and must "
+                                               "catch up with a pretrained encoder, so it gets a larger rate")
+    head_warmup_epochs: int = param(0, min=0, help="joint epochs at the start that train only the GCN (DDECN and "
+                                                   "centres frozen)")
+    head_warmup_target: Literal["posterior", "start"] = param(
+        "posterior", paper="posterior", departure="head warm-up on the start",
+        help="what the GCN learns in the warm-up. posterior: Eq. 18's mixture posterior of the frozen codes. "
+             "start: the initial partition itself (cross-entropy)")
+    joint_aux_batch_size: int = param(1024, min=2, help="reconstruction and MI of a joint step are estimated on "
+                                                        "this many random nodes of the batch (unbiased)")
+    kmeans_n_init: int = param(20, min=1, help="k-means restarts of the k-means start")
+    center_init_smoothing: int = param(4, min=0, help="the start partitions the codes smoothed t times over the "
+                                                      "graph (Â^t Z)")
+    center_init: Literal["kmeans", "ward"] = param(
+        "kmeans", paper="kmeans", departure="Ward start", joint_only=False,
+        help="how the smoothed codes are first partitioned (their means are the centres μ_y). kmeans: "
+             "seeded, favours equal sizes, any N. ward: Ward's merges along the kNN graph, deterministic, "
+             "sizes as the data has them; for the paper's datasets rather than millions")
+    eval_every: int = param(5, min=1, help="joint epochs between metric lines")
+    checkpoint_every: int = param(25, min=1, help="epochs (either phase) between periodic checkpoints")
+    keep_checkpoints: int = param(2, min=1, help="newest checkpoint folders kept in RUN/checkpoints")
+    resume: bool = param(False, help="continue from the latest valid checkpoint in the run folder")
+    init_from: str | None = param(None, help="a pretrained model file (a run's checkpoints/pretrain.pt): skip "
+                                             "pretraining, rerun the start and joint phase alone")
+    num_threads: int | None = param(None, min=1, help="torch intra-op threads; None leaves torch's default")
+    joint_sampler: Literal["full", "cluster"] = param(
+        "full", help="full: every joint step is the whole graph (the paper's and SDCN's setting, small sets). "
+                     "cluster: Cluster-GCN, each step partitions_per_batch METIS partitions of about "
+                     "partition_size nodes, streamed from partition-ordered shards")
+    partition_size: int = param(1000, min=1, help="nodes per partition of the cluster sampler")
+    partitions_per_batch: int = param(4, min=1, help="partitions per cluster-sampler step")
+    partition_method: Literal["metis", "random"] = param("metis", help="how the graph is partitioned")
+    partitions_per_shard: int = param(8, min=1, help="partitions per partition-ordered shard")
+    inference_batch_size: int = param(4096, min=1, help="nodes per chunk in layer-wise full-graph inference")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = param(
+        None, help="None: whatever `accelerate launch` or its config says")
+    gradient_accumulation_steps: int = param(1, min=1, help="pretraining micro-batches per optimiser step")
 
 
 @dataclass
 class Config:
-    name: str = "run"
-    data_dir: str = "data/digits"
-    output_dir: str = "runs/digits"
-    seed: int = 0
-    n_clusters: int | None = None  # None: the manifest's number of classes
+    name: str = param("run", help="a name for the run")
+    data_dir: str = param("data/digits", help="prepared data folder (shards, graph, partitions)")
+    output_dir: str = param("runs/digits", help="run folder")
+    seed: int = param(0, min=0, help="seeds weights, data order, k-means")
+    n_clusters: int | None = param(None, min=2, help="K; None: the manifest's number of classes")
     data: DataConfig = field(default_factory=DataConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,10 +199,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# ---- checks --------------------------------------------------------------------------------
+
+def choices(cls: type, name: str) -> tuple:
+    """The allowed values of a Literal-typed field, e.g. choices(TrainConfig, 'joint_sampler')."""
+    annotation = typing.get_type_hints(cls)[name]
+    for option in (typing.get_args(annotation) if _is_union(annotation) else (annotation,)):
+        if typing.get_origin(option) is Literal:
+            return typing.get_args(option)
+    raise TypeError(f"{cls.__name__}.{name} is not a Literal field")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
 def _check_type(value: Any, annotation: Any, key: str, origin: str) -> Any:
     """Return `value` as the annotated type, or raise naming the key and where it came from."""
-    hint_origin = typing.get_origin(annotation)
-    if hint_origin in (typing.Union, types.UnionType):
+    where = f"{origin}: " if origin else ""
+    if _is_union(annotation):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
@@ -170,23 +230,71 @@ def _check_type(value: Any, annotation: Any, key: str, origin: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0])
-    if hint_origin is list:
+    if typing.get_origin(annotation) is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{where}{key}={value!r} must be one of {', '.join(map(str, allowed))}")
+        return value
+    if typing.get_origin(annotation) is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{origin}: '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{where}'{key}' must be a list, got {value!r}")
         return [_check_type(v, item_type, f"{key}[{i}]", origin) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{origin}: '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"{where}'{key}' must be true or false, got {value!r}")
     if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{origin}: '{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"{where}'{key}' must be an integer, got {value!r}")
     if not isinstance(value, annotation):
-        raise ConfigError(
-            f"{origin}: '{key}' must be of type {annotation.__name__}, got {value!r}"
-        )
+        raise ConfigError(f"{where}'{key}' must be of type {annotation.__name__}, got {value!r}")
     return value
 
+
+def check_fields(section: Any, prefix: str) -> None:
+    """Each field of a config dataclass (recursively) against its type, choices and bounds."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{key}.")
+            continue
+        value = _check_type(value, hints[f.name], key, "")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        numbers = value if isinstance(value, list) else [value]
+        for number in numbers:
+            if number is None or isinstance(number, str):
+                continue
+            if low is not None and high is not None and not low <= number <= high:
+                raise ConfigError(f"{key}={value!r} must be in [{low:g}, {high:g}]")
+            if low is not None and number < low:
+                raise ConfigError(f"{key}={value!r} must be >= {low:g}")
+
+
+def validate(config: Config) -> None:
+    """Every field's own checks, then the cross-field checks that types alone cannot express."""
+    check_fields(config, "")
+    model = config.model
+    n_layers = len(model.channels)
+    if n_layers == 0:
+        raise ConfigError("model.channels must name at least one encoder layer")
+    if not (len(model.kernel_sizes) == len(model.strides) == n_layers):
+        raise ConfigError(
+            f"model.channels, model.kernel_sizes and model.strides must have the same length, "
+            f"got {n_layers}, {len(model.kernel_sizes)}, {len(model.strides)}"
+        )
+    if model.local_layer is not None and model.local_layer > n_layers:
+        raise ConfigError(f"model.local_layer={model.local_layer} must be in 1..{n_layers}")
+    graph_terms = [k for k in ("neighbour_weight", "cluster_code_smoothing") if getattr(config.loss, k)]
+    if graph_terms and not model.use_gcn:
+        raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
+                          f"GCN model has (model.use_gcn=false): set to 0")
+    if config.train.center_init == "ward" and not model.use_gcn:
+        raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
+                          "(model.use_gcn=false): use kmeans")
+
+
+# ---- loading -------------------------------------------------------------------------------
 
 def _apply(target: Any, values: dict, prefix: str, origin: str) -> None:
     """Set fields of a dataclass instance from a nested dict, rejecting unknown keys."""
@@ -214,7 +322,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({error})") from error
+    return key.split("."), value
 
 
 def config_from_dict(values: dict, origin: str = "dict") -> Config:
@@ -243,6 +355,8 @@ def load_config(
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path} is not text (UTF-8): {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _apply(config, values, "", str(path))
@@ -256,6 +370,12 @@ def load_config(
     return config
 
 
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ---- what a config trains, and where it departs from the paper ------------------------------
+
 def method_name(config: Config) -> str:
     """The paper's name for what a config trains (Table 4's rows): ConvAE, ConvAE+MI,
     ConvAE+GCN or ConvAE+MI+GCN (= SDDECC); with no clustering head trained, k-means on the
@@ -264,68 +384,61 @@ def method_name(config: Config) -> str:
     name = "ConvAE"
     if loss.mi_weight > 0 and (loss.global_mi or loss.local_mi):
         name += "+MI"
-    if not loss.cluster_kl or config.train.joint_epochs == 0:
+    if not has_joint_phase(config):
         return name + "+K-means"
     return name + "+GCN" if config.model.use_gcn else name
 
 
-def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    model = config.model
-    n_layers = len(model.channels)
-    if n_layers == 0:
-        raise ConfigError("model.channels must name at least one encoder layer")
-    if not (len(model.kernel_sizes) == len(model.strides) == n_layers):
-        raise ConfigError(
-            f"model.channels, model.kernel_sizes and model.strides must have the same length, "
-            f"got {n_layers}, {len(model.kernel_sizes)}, {len(model.strides)}"
-        )
-    if model.local_layer is not None and not 1 <= model.local_layer <= n_layers:
-        raise ConfigError(f"model.local_layer={model.local_layer} must be in 1..{n_layers}")
-    if not 0.0 <= model.delta <= 1.0:
-        raise ConfigError(f"model.delta={model.delta} must be in [0, 1]")
-    graph = config.graph
-    if graph.k < 1:
-        raise ConfigError(f"graph.k={graph.k} must be at least 1")
-    if graph.index not in ("auto", "flat", "ivf", "ivfpq"):
-        raise ConfigError(f"graph.index={graph.index!r} must be one of auto, flat, ivf, ivfpq")
-    for key in ("exact_max_n", "ivf_max_n", "nlist", "pq_m", "train_sample", "recall_queries", "seed"):
-        if getattr(graph, key) < 0:
-            raise ConfigError(f"graph.{key}={getattr(graph, key)} must be >= 0")
-    if graph.nprobe < 1:
-        raise ConfigError(f"graph.nprobe={graph.nprobe} must be at least 1")
-    if config.n_clusters is not None and config.n_clusters < 2:
-        raise ConfigError(f"n_clusters={config.n_clusters} must be at least 2")
-    train = config.train
-    if train.joint_sampler not in ("full", "cluster"):
-        raise ConfigError(f"train.joint_sampler={train.joint_sampler!r} must be 'full' or 'cluster'")
-    if train.partition_method not in ("metis", "random"):
-        raise ConfigError(f"train.partition_method={train.partition_method!r} must be 'metis' or 'random'")
-    if config.loss.cluster_prior not in ("uniform", "init"):
-        raise ConfigError(f"loss.cluster_prior={config.loss.cluster_prior!r} must be 'uniform' or 'init'")
-    if train.head_warmup_target not in ("posterior", "start"):
-        raise ConfigError(f"train.head_warmup_target={train.head_warmup_target!r} must be 'posterior' or 'start'")
-    if train.center_init not in ("kmeans", "ward"):
-        raise ConfigError(f"train.center_init={train.center_init!r} must be 'kmeans' or 'ward'")
-    if train.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision={train.mixed_precision!r} must be no, fp16 or bf16")
-    for key in ("partition_size", "partitions_per_batch", "partitions_per_shard", "inference_batch_size",
-                "gradient_accumulation_steps", "keep_checkpoints", "checkpoint_every", "eval_every",
-                "pretrain_batch_size"):
-        if getattr(train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
-    for key in ("recon_weight", "mi_weight", "kl_weight", "balance_weight", "neighbour_weight",
-                "cluster_code_smoothing"):
-        if getattr(config.loss, key) < 0:
-            raise ConfigError(f"loss.{key}={getattr(config.loss, key)} must be >= 0")
-    graph_terms = [k for k in ("neighbour_weight", "cluster_code_smoothing") if getattr(config.loss, k)]
-    if graph_terms and not model.use_gcn:
-        raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
-                          f"GCN model has (model.use_gcn=false): set to 0")
-    if train.center_init == "ward" and not model.use_gcn:
-        raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
-                          "(model.use_gcn=false): use kmeans")
+def has_joint_phase(config: Config) -> bool:
+    return config.loss.cluster_kl and config.train.joint_epochs > 0
 
 
-def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+def departures(config: Config) -> list[str]:
+    """What a config changes in the paper's method, in field order: every field whose
+    `departure` metadata is set and whose value is not the paper's (docs/method.md)."""
+    found = []
+    joint = has_joint_phase(config)
+    for section_name in ("data", "graph", "model", "loss", "train"):
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            meta = f.metadata
+            value = getattr(section, f.name)
+            if "departure" in meta and value != meta["paper"] and (joint or not meta["joint_only"]):
+                found.append(meta["departure"].format(f"{value:g}" if isinstance(value, float) else value))
+    return found
+
+
+# ---- command-line flags from the same definitions --------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, names: list[str] | None = None,
+                  flags: dict[str, str] | None = None) -> None:
+    """Add `--field-name` flags for fields of config dataclass `cls` (all, or `names`), with the
+    field's default, type, choices and help; `flags` renames some (field -> flag). Read the
+    values back with `from_arguments`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        annotation = hints[f.name]
+        optional = _is_union(annotation) and type(None) in typing.get_args(annotation)
+        base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is Literal:
+            kwargs["choices"] = typing.get_args(base)
+        else:
+            kwargs["type"] = base
+        parser.add_argument(flag, **kwargs)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, **extra: Any):
+    """An instance of config dataclass `cls` from the flags `add_arguments` added (fields
+    without a flag keep their defaults), checked."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    instance = cls(**values, **extra)
+    check_fields(instance, "")
+    return instance

@@ -1,4 +1,6 @@
-"""Small shared plumbing: atomic file writes and resource figures."""
+"""Small shared plumbing below every layer: the console, atomic file writes, resource figures.
+
+Distributed plumbing (ranks, gathering, signals) lives in sddecc_dist.train.distributed."""
 
 from __future__ import annotations
 
@@ -49,25 +51,3 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def peak_memory_mib() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-# ---- distributed plumbing (the model and data layers never see ranks) ---------------------
-
-def gather_rows(accelerator, ids: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Each rank holds `rows` for the global node ids `ids`; return the full (n, ...) matrix on
-    every rank, checking that every node arrives exactly once. gloo's all_gather needs equal
-    sizes, so shares are padded (id -1) to the largest one first."""
-    if accelerator.num_processes > 1:
-        ids = accelerator.pad_across_processes(ids.to(accelerator.device), dim=0, pad_index=-1)
-        rows = accelerator.pad_across_processes(rows.contiguous(), dim=0)
-        ids, rows = accelerator.gather(ids).cpu(), accelerator.gather(rows)
-        keep = ids >= 0
-        ids, rows = ids[keep], rows[keep.to(rows.device)]
-    counts = torch.bincount(ids.cpu(), minlength=n)
-    if len(counts) != n or not bool((counts == 1).all()):
-        bad = int(torch.nonzero(counts[:n] != 1)[0]) if len(counts) == n else n
-        raise RuntimeError(f"gathering {n} rows: node {bad} arrived {int(counts[bad]) if bad < n else 'out of range'} "
-                           f"times (each rank must hold a disjoint share covering every node)")
-    full = rows.new_empty((n, *rows.shape[1:]))
-    full[ids.to(rows.device)] = rows
-    return full

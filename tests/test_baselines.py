@@ -11,10 +11,10 @@ import yaml
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
-from sddecc_dist.baselines import kmeans_on_pixels
+from sddecc_dist.eval.baselines import kmeans_on_pixels
 from sddecc_dist.data import DataError, load_all
-from sddecc_dist.metrics import cluster_acc, clustering_scores
-from sddecc_dist.stages import prepare_dataset
+from sddecc_dist.eval.metrics import cluster_acc, clustering_scores
+from sddecc_dist.pipeline import prepare_dataset
 
 
 @pytest.fixture(scope="module")

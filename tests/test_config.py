@@ -54,12 +54,17 @@ def test_unknown_keys_are_rejected_with_their_name(tmp_path):
     ("model.channels=16", "'model.channels' must be a list"),
     ("model.delta=1.5", "model.delta=1.5 must be in"),
     ("model.kernel_sizes=[3]", "same length"),
-    ("graph.k=0", "graph.k=0 must be at least 1"),
+    ("graph.k=0", "graph.k=0 must be >= 1"),
     ("seed", "must look like key=value"),
     ("loss.cluster_code_smoothing=-1", "loss.cluster_code_smoothing=-1 must be >= 0"),
-    ("train.center_init=spectral", "train.center_init='spectral' must be 'kmeans' or 'ward'"),
-    ("loss.cluster_prior=learnt", "loss.cluster_prior='learnt' must be 'uniform' or 'init'"),
-    ("train.head_warmup_target=labels", "train.head_warmup_target='labels' must be 'posterior' or 'start'"),
+    ("train.center_init=spectral", "train.center_init='spectral' must be one of kmeans, ward"),
+    ("loss.cluster_prior=learnt", "loss.cluster_prior='learnt' must be one of uniform, init"),
+    ("train.head_warmup_target=labels", "train.head_warmup_target='labels' must be one of posterior, start"),
+    ("train.joint_sampler=graphsaint", "train.joint_sampler='graphsaint' must be one of full, cluster"),
+    ("train.mixed_precision=fp8", "train.mixed_precision='fp8' must be one of no, fp16, bf16"),
+    ("model.channels=[16,0]", r"model.channels=\[16, 0\] must be >= 1"),
+    ("train.eval_every=0", "train.eval_every=0 must be >= 1"),
+    ("seed=[", "the value is not valid YAML"),
 ])
 def test_bad_values_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from sddecc_dist.config import IndexParams
 from sddecc_dist.graph import (
     GraphError,
-    IndexParams,
     build_graph,
     knn_graph,
     knn_search,
@@ -215,6 +217,7 @@ def test_save_graph_rejects_non_json_meta(tmp_path) -> None:
 
 
 def test_resolve_index_by_size_and_defaults() -> None:
+    from sddecc_dist.config import ConfigError
     from sddecc_dist.graph.knn import resolve_index
 
     params = IndexParams(exact_max_n=1000, ivf_max_n=100_000)
@@ -225,9 +228,9 @@ def test_resolve_index_by_size_and_defaults() -> None:
     assert pq["index"] == "ivfpq" and pq["pq_m"] == 56 and 784 % pq["pq_m"] == 0
     assert pq["train_sample"] == 64 * pq["nlist"]
     assert resolve_index(IndexParams(), 70_000, 70_000, 784) == {"index": "flat"}  # MNIST stays exact
-    with pytest.raises(GraphError, match="index='hnsw' is not one of auto, flat, ivf, ivfpq"):
+    with pytest.raises(ConfigError, match="index='hnsw' must be one of auto, flat, ivf, ivfpq"):
         resolve_index(IndexParams(index="hnsw"), 10, 10, 4)
-    with pytest.raises(GraphError, match="nprobe=0 must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="nprobe=0 must be >= 1"):
         resolve_index(IndexParams(nprobe=0), 10, 10, 4)
     with pytest.raises(GraphError, match="pq_m=5 must divide the feature dimension d=64"):
         resolve_index(IndexParams(index="ivfpq", pq_m=5), 10_000, 10_000, 64)
@@ -235,16 +238,32 @@ def test_resolve_index_by_size_and_defaults() -> None:
         resolve_index(IndexParams(index="ivf", nlist=500), 300, 300, 4)
 
 
-def test_graph_config_mirrors_index_params() -> None:
-    from sddecc_dist.config import ConfigError, GraphConfig, load_config
-    from sddecc_dist.stages import index_params
+def test_index_parameters_are_defined_once_for_config_and_command_line() -> None:
+    """GraphConfig (a config's graph: section) is IndexParams plus k and use_gpu; `sddecc graph`
+    takes its flags, defaults and choices from the same fields."""
+    import argparse
+    import dataclasses
 
-    assert index_params(GraphConfig()) == IndexParams()
-    assert index_params(GraphConfig(index="ivf", nprobe=4)) == IndexParams(index="ivf", nprobe=4)
+    from sddecc_dist.cli import main
+    from sddecc_dist.config import ConfigError, GraphConfig, add_arguments, from_arguments, load_config
+
+    assert issubclass(GraphConfig, IndexParams)
+    assert {f.name for f in dataclasses.fields(GraphConfig)} == {f.name for f in dataclasses.fields(IndexParams)} | {
+        "k", "use_gpu"}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, GraphConfig)
+    assert from_arguments(GraphConfig, parser.parse_args([])) == GraphConfig()
+    parsed = from_arguments(GraphConfig, parser.parse_args(["--index", "ivf", "--nprobe", "4", "--k", "5"]))
+    assert parsed == GraphConfig(index="ivf", nprobe=4, k=5)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["--index", "hnsw"])
+    with pytest.raises(ConfigError, match="nprobe=0 must be >= 1"):
+        from_arguments(GraphConfig, parser.parse_args(["--nprobe", "0"]))
     with pytest.raises(ConfigError, match="graph.index='hnsw' must be one of auto, flat, ivf, ivfpq"):
         load_config(overrides=["graph.index=hnsw"])
-    with pytest.raises(ConfigError, match="graph.nprobe=0 must be at least 1"):
+    with pytest.raises(ConfigError, match="graph.nprobe=0 must be >= 1"):
         load_config(overrides=["graph.nprobe=0"])
+    assert main(["graph", "/nonexistent-data", "--nprobe", "0"]) == 2  # the same check, one line, exit 2
 
 
 def _recall_vs_numpy(x: np.ndarray, neighbors: np.ndarray, k: int) -> float:
@@ -269,7 +288,7 @@ def test_ivf_recall_on_digits_matches_brute_force(index) -> None:
     assert info["recall"] == pytest.approx(recall, abs=1e-9)
     assert info["recall_method"] == f"measured on {len(x)} random queries"
     # recall is measured, not assumed: one list of 32 loses neighbours
-    _, idx_one, info_one = knn_graph(x, 5, params.replace(nprobe=1), use_gpu=False)
+    _, idx_one, info_one = knn_graph(x, 5, dataclasses.replace(params, nprobe=1), use_gpu=False)
     assert info_one["recall"] == pytest.approx(_recall_vs_numpy(x, idx_one, 5), abs=1e-9)
     assert info_one["recall"] < recall - 0.02
 

@@ -18,9 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sddecc_dist.data import load_all
-from sddecc_dist.graph import GraphError, IndexParams, assign_shards, knn_search, load_graph
+from sddecc_dist.config import IndexParams
+from sddecc_dist.graph import GraphError, assign_shards, knn_search, load_graph
 from sddecc_dist.graph.knn import recall_sample
-from sddecc_dist.stages import ensure_graph, graph_path, prepare_dataset
+from sddecc_dist.pipeline import ensure_graph, graph_path, prepare_dataset
 
 WORLD_SIZE = 2
 

@@ -6,8 +6,9 @@ from sddecc_dist.config import load_config
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.stages import ensure_graph, prepare_dataset
-from sddecc_dist.train.trainer import _make_accelerator, _share_chunks, _share_ids, predict_layerwise
+from sddecc_dist.pipeline import ensure_graph, prepare_dataset
+from sddecc_dist.train.distributed import make_accelerator
+from sddecc_dist.train.inference import node_share, predict_layerwise
 
 
 def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
@@ -20,12 +21,11 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
     model = SDDECC((1, 8, 8), 10, config.model).eval()
     with torch.no_grad():
         expected = model.cluster_probabilities(images, model.encode(images), adjacency)
-    accelerator = _make_accelerator(config)
+    accelerator = make_accelerator(config)
     for in_memory in (True, False):  # chunks sliced from memory, or streamed from the shards
-        chunks = _share_chunks(config, manifest, images if in_memory else None, labels, 0, 1)
-        ids = _share_ids(manifest, 0, 1)
-        assert torch.equal(ids, torch.arange(len(images)))
-        assert torch.equal(torch.cat([c[0] for c in chunks()]), ids)  # chunks arrive in share order
-        y = predict_layerwise(model, chunks, ids, to_scipy_csr(adjacency), len(images), accelerator)
+        share = node_share(tmp_path, manifest, 0, 1, 128, *((images, labels) if in_memory else ()))
+        assert torch.equal(share.ids, torch.arange(len(images)))
+        assert torch.equal(torch.cat([c[0] for c in share.chunks()]), share.ids)  # chunks arrive in share order
+        y = predict_layerwise(model, share, to_scipy_csr(adjacency), len(images), accelerator)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))

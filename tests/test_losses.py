@@ -217,3 +217,43 @@ def test_neighbour_consistency_against_a_loop_over_edges():
     assert losses.neighbour_consistency(same, adjacency).item() == pytest.approx(0.0, abs=1e-7)
     alternating = torch.eye(k)[torch.arange(n) % 2]
     assert losses.neighbour_consistency(alternating, adjacency).item() > 5.0
+
+
+def test_self_training_kl_against_its_definition_by_loops():
+    """DEC's target P_ij ∝ Y_ij² / f_j, f_j = Σ_i Y_ij, and KL(P || Y) averaged over rows,
+    computed with plain Python loops."""
+    y = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(2)), dim=1)
+    rows = y.tolist()
+    f = [sum(r[j] for r in rows) for j in range(3)]
+    kl = 0.0
+    for r in rows:
+        weight = [r[j] ** 2 / f[j] for j in range(3)]
+        p = [w / sum(weight) for w in weight]
+        kl += sum(p[j] * math.log(p[j] / r[j]) for j in range(3))
+    assert losses.self_training_kl(y).item() == pytest.approx(kl / len(rows), rel=1e-5)
+    # the target is fixed: a one-hot Y is its own target (zero), and P gets no gradient
+    assert losses.self_training_kl(torch.eye(3)).item() == pytest.approx(0.0, abs=1e-6)
+    y = y.clone().requires_grad_(True)
+    losses.self_training_kl(y).backward()
+    expected_grad = torch.zeros_like(y)  # d/dY of -Σ P log Y / N with P fixed
+    with torch.no_grad():
+        weight = y.pow(2) / y.sum(0)
+        target = weight / weight.sum(1, keepdim=True)
+        expected_grad = -target / y / len(y)
+    torch.testing.assert_close(y.grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_every_clustering_term_has_a_config_weight_and_every_weight_a_term():
+    """A term is a function plus a LossConfig weight: the registry and the config agree."""
+    import dataclasses
+
+    from sddecc_dist.config import LossConfig
+
+    config = LossConfig()
+    for name, (weight, term) in losses.CLUSTER_TERMS.items():
+        assert isinstance(getattr(config, weight), float), (name, weight)
+        assert callable(term)
+    used = {weight for weight, _ in losses.CLUSTER_TERMS.values()} | set(losses.DDECN_TERMS.values())
+    weights = {f.name for f in dataclasses.fields(LossConfig) if f.name.endswith("_weight")}
+    assert weights <= used | {"kl_weight"}, weights - used  # kl_weight: prior KL and, as cluster_kl_weight, Eq. 18
+    assert list(losses.CLUSTER_TERMS)[:3] == ["neighbour", "cluster_kl", "balance"]  # the order they are summed in

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from sddecc_dist.metrics import cluster_acc, clustering_scores
+from sddecc_dist.eval.metrics import cluster_acc, clustering_scores
 
 
 def brute_force_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:

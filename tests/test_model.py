@@ -125,6 +125,26 @@ def test_joint_loss_weights_terms_as_equation_19():
     assert math.isfinite(terms.total.item())
 
 
+def test_a_clustering_term_is_added_by_its_config_weight_alone():
+    """loss.self_training_weight (default 0, off) switches DEC's self-training term on: the model
+    finds it in the registry, nothing else names it."""
+    from sddecc_dist.model import losses
+
+    n = 20
+    adjacency, model, x = _small_graph_model(n)
+    off, _ = model("joint", x, adjacency=adjacency, aux_index=torch.arange(8), loss_config=LossConfig())
+    assert "self_training" not in off.parts
+    cfg = LossConfig(self_training_weight=0.7)
+    index = torch.tensor([0, 2, 3, 7, 11, 19])
+    torch.manual_seed(1)
+    terms, y = model("joint", x, adjacency=adjacency, aux_index=torch.arange(8), loss_config=cfg, loss_index=index)
+    assert terms.parts["self_training"] == pytest.approx(losses.self_training_kl(y[index]).item(), rel=1e-5)
+    p = terms.parts
+    expected = (p["recon"] + 0.01 * (p["global_mi"] + p["local_mi"]) + p["cluster_kl"]
+                + 0.7 * p["self_training"])
+    assert terms.total.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_smooth_is_repeated_propagation_and_mean_codes_are_chunk_independent():
     from sddecc_dist.model.gcn import smooth
 
@@ -181,4 +201,4 @@ def test_head_warm_up_towards_the_start_is_cross_entropy_and_trains_only_the_hea
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
     terms.total.backward()
     assert all(p.grad is None for p in model.encoder.parameters()) and model.centers.grad is None
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameter_groups()["head"])

@@ -24,7 +24,6 @@ from sddecc_dist.data import (
 )
 from sddecc_dist.graph import (
     GraphError,
-    ensure_partitions,
     induced_adjacency,
     inside_edge_fraction,
     load_graph,
@@ -32,11 +31,10 @@ from sddecc_dist.graph import (
     load_partitions,
     normalized_adjacency,
     partition_graph,
-    partition_path,
     save_graph,
     symmetric_adjacency,
 )
-from sddecc_dist.stages import ensure_graph, graph_path, prepare_dataset
+from sddecc_dist.pipeline import ensure_graph, ensure_partitions, graph_path, partition_path, prepare_dataset
 
 N_DIGITS = 1797
 N_PARTS = 20

@@ -1,5 +1,5 @@
 """Figures 6 and 7: a t-SNE PNG from a real (tiny) run, the λ grid's averaging and its heatmaps;
-the same run read back by `load_trained_model` (the analysis scripts' loader)."""
+the same run read back by `RunFolder.load_model` (the one model-file reader)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, RawDataset, load_all, write_shards
-from sddecc_dist.plots import (
+from sddecc_dist.eval.plots import (
     DPI,
     HEATMAP_FIGSIZE,
     TSNE_FIGSIZE,
@@ -24,8 +24,9 @@ from sddecc_dist.plots import (
     lambda_heatmaps,
     sample_indices,
 )
-from sddecc_dist.stages import ensure_graph, load_trained_model
-from sddecc_dist.train.trainer import train
+from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.run_folder import RunFolder, RunFolderError
+from sddecc_dist.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,20 +64,23 @@ def test_tsne_png_of_a_real_run(tiny_run, tmp_path):
     assert not list(out.parent.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_tsne_of_the_pretrained_checkpoint(tiny_run, tmp_path):
-    out = embedding_tsne(tiny_run / "run", tmp_path / "pre.png", n_samples=100, seed=1, checkpoint="pretrain.pt")
+def test_tsne_of_the_pretrained_model(tiny_run, tmp_path):
+    out = embedding_tsne(tiny_run / "run", tmp_path / "pre.png", n_samples=100, seed=1, model_file="pretrain")
     assert _distinct_colours(_png(out)) > 20
 
 
 def test_trained_model_read_back_predicts_the_runs_assignments(tiny_run):
-    config, manifest, model = load_trained_model(tiny_run / "run" / "checkpoints" / "final.pt")
+    run = RunFolder(tiny_run / "run")
+    trained = run.load_model("final")
+    config, manifest, model = trained.config, trained.manifest, trained.model
     assert config.output_dir == str(tiny_run / "run") and manifest["count"] == 1797
+    assert (trained.phase, trained.epoch) == ("joint", config.train.joint_epochs)
     images, _ = load_all(config.data_dir, manifest)
     adjacency = ensure_graph(config.data_dir, config.graph.k, images)
     model.eval()
     with torch.no_grad():
         y = model.cluster_probabilities(images, model.encode(images), adjacency)
-    saved = np.loadtxt(tiny_run / "run" / "assignments.txt", dtype=np.int64)
+    saved = run.read_assignments()
     assert y.shape == (1797, model.n_clusters) and np.array_equal(y.argmax(1).numpy(), saved)
 
 
@@ -88,9 +92,10 @@ def test_sample_indices_are_seeded_and_capped():
     assert np.array_equal(sample_indices(100, 2000, seed=0), np.arange(100))  # fewer: all of them
 
 
-def test_missing_checkpoint_is_named(tiny_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"checkpoints[/\\]nope\.pt"):
-        embedding_tsne(tiny_run / "run", tmp_path / "x.png", checkpoint="nope.pt")
+def test_missing_model_file_is_named(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match=r"checkpoints[/\\]final\.pt does not exist"):
+        embedding_tsne(tmp_path / "run", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -98,10 +103,11 @@ def test_dataset_without_labels_is_refused(tiny_run, tmp_path):
     images = np.zeros((20, 1, 8, 8), dtype=np.uint8)
     write_shards(RawDataset("unlabelled", images, None, (0.0, 16.0), None), tmp_path / "data")
     # the same model file, pointed at the unlabelled data
-    state = torch.load(tiny_run / "run" / "checkpoints" / "final.pt", weights_only=False)
+    state = torch.load(RunFolder(tiny_run / "run").model_file("final"), weights_only=False)
     state["config"]["data_dir"] = str(tmp_path / "data")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    torch.save(state, tmp_path / "run" / "checkpoints" / "final.pt")
+    copy = RunFolder(tmp_path / "run")
+    copy.checkpoints.mkdir(parents=True)
+    torch.save(state, copy.model_file("final"))
     with pytest.raises(DataError, match=r"dataset\.json.*no labels"):
         embedding_tsne(tmp_path / "run", tmp_path / "x.png")
 
@@ -114,7 +120,8 @@ def _fake_run(folder: Path, mi_weight: float, kl_weight: float, seed: int, acc: 
     config = {"name": dataset, "data_dir": f"data/{dataset}", "seed": seed,
               "loss": {"recon_weight": 100.0, "mi_weight": mi_weight, "kl_weight": kl_weight}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    metrics = {"acc": acc, "nmi": nmi, "ari": 0.5, "dataset": dataset, "method": "ConvAE+MI+GCN", "seed": seed}
+    metrics = {"acc": acc, "nmi": nmi, "ari": 0.5, "dataset": dataset, "method": "ConvAE+MI+GCN", "seed": seed,
+               "n_samples": 9298, "epoch": 200, "selection": "final epoch", "seconds": 1.0}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
@@ -149,7 +156,7 @@ def test_lambda_heatmaps_write_two_pngs(grid_runs, tmp_path):
 
 def test_run_without_metrics_is_named(grid_runs):
     (grid_runs[2] / "metrics.json").unlink()
-    with pytest.raises(FileNotFoundError, match=f"{grid_runs[2].name}.*metrics.json"):
+    with pytest.raises(RunFolderError, match=f"{grid_runs[2].name}.*not finished \\(no metrics.json\\)"):
         lambda_grid(grid_runs)
 
 

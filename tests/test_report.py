@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sddecc_dist.report import (
-    PAPER,
-    PAPER_ROW,
+from sddecc_dist.paper.published import PAPER, PAPER_ROW
+from sddecc_dist.paper.report import (
     ReportError,
     group_runs,
     load_run,
@@ -280,11 +279,11 @@ def test_additions_to_the_paper_method_split_groups_and_are_named(tmp_path):
         "balance_weight": 5.0, "cluster_code_smoothing": 64, "neighbour_weight": 1.0, "global_mi": True}))
         for seed in (0, 1)]
     assert paper[0].additions == "—"
-    assert ours[0].additions == "balance 5, Eq. 18 on Â^64 codes, neighbour 1"
+    assert ours[0].additions == "balance 5, neighbour 1, Eq. 18 on Â^64 codes"
     groups = group_runs(paper + ours)
     assert [len(g.runs) for g in groups] == [2, 2]
     rows = table_rows(markdown_report(groups))
-    assert [row[4] for row in rows] == ["—", "balance 5, Eq. 18 on Â^64 codes, neighbour 1"]
+    assert [row[4] for row in rows] == ["—", "balance 5, neighbour 1, Eq. 18 on Â^64 codes"]
     # without a joint phase (k-means on the codes) the joint-phase terms do not apply
     kmeans = load_run(make_run(tmp_path / "kmeans", method="ConvAE+K-means",
                                loss_extra={"balance_weight": 5.0, "cluster_kl": False}))
@@ -292,10 +291,10 @@ def test_additions_to_the_paper_method_split_groups_and_are_named(tmp_path):
     # a Ward start is the result without a joint phase too; q(y) only matters with one
     ward = load_run(make_run(tmp_path / "ward", loss_extra={"cluster_prior": "init"},
                              train={"center_init": "ward", "head_warmup_target": "start"}))
-    assert ward.additions == "Ward start, q(y) from the start, head warm-up on the start"
+    assert ward.additions == "q(y) from the start, head warm-up on the start, Ward start"
     ward_kmeans = load_run(make_run(tmp_path / "ward-kmeans", method="ConvAE+K-means",
                                     loss_extra={"cluster_prior": "init", "cluster_kl": False},
                                     train={"center_init": "ward", "head_warmup_target": "start"}))
     assert ward_kmeans.additions == "Ward start"
-    with pytest.raises(ReportError, match="loss.neighbour_weight is not a number"):
+    with pytest.raises(ReportError, match=r"config.yaml: 'loss.neighbour_weight' must be of type float, got 'high'"):
         load_run(make_run(tmp_path / "bad", loss_extra={"neighbour_weight": "high"}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sddecc_dist.config import ConfigError, load_config, method_name
-from sddecc_dist.reproduce import FIG7_LAMBDA1, FIG7_LAMBDA2, plan, reproduce, train_command
+from sddecc_dist.paper.reproduce import FIG7_LAMBDA1, FIG7_LAMBDA2, plan, reproduce, train_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

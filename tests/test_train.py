@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sddecc_dist.config import ConfigError, load_config
-from sddecc_dist.train.trainer import train
+from sddecc_dist.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_run_folder_holds_every_artifact(digits_run):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {line["phase"] for line in lines} == {"pretrain", "kmeans", "joint"}
     # the final metrics are the last epoch's assignments, scored again from the file
-    from sddecc_dist.metrics import clustering_scores
+    from sddecc_dist.eval.metrics import clustering_scores
     from sklearn.datasets import load_digits
     assert clustering_scores(load_digits().target, assignments)["acc"] == pytest.approx(metrics["acc"])
     for name in ("pretrain.pt", "final.pt"):
@@ -150,7 +150,7 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
     from sddecc_dist.graph import load_graph, to_scipy_csr
     from sddecc_dist.model.gcn import smooth
     from sddecc_dist.model.sddecc import SDDECC
-    from sddecc_dist.stages import graph_path
+    from sddecc_dist.pipeline import graph_path
 
     data_dir, run = tmp_path / "data", tmp_path / "ward"
     config = _short_config(tmp_path, data_dir, "ward", "train.center_init=ward", "loss.cluster_prior=init",
@@ -201,3 +201,37 @@ def test_warm_up_towards_the_ward_start_learns_it_and_resumes_exactly(tmp_path):
     train(_short_config(tmp_path, data_dir, "c", *keys, "train.joint_epochs=6"))
     train(_short_config(tmp_path, data_dir, "c", *keys, "train.resume=true"))
     assert (tmp_path / "c" / "assignments.txt").read_text() == (tmp_path / "a" / "assignments.txt").read_text()
+
+
+@pytest.mark.parametrize("sampler", ["full", "cluster"])
+def test_both_joint_samplers_keep_the_same_run_contract(tmp_path, sampler):
+    """The loop knows no sampler: the whole-graph and the Cluster-GCN sampler write the same
+    run folder (metrics keys, one scored joint line per eval, every sample assigned), and a
+    checkpoint of one sampler is not resumed by the other."""
+    from sddecc_dist.run_folder import RunFolder
+
+    overrides = [f"train.joint_sampler={sampler}", "train.partition_size=200", "train.partitions_per_batch=3",
+                 "train.pretrain_epochs=20", "train.head_warmup_epochs=10", "train.joint_epochs=20",
+                 "train.eval_every=10"]
+    result = train(_short_config(tmp_path, tmp_path / "data", "run", *overrides))
+    run = RunFolder(tmp_path / "run")
+    metrics = run.read_metrics()
+    assert {"acc", "nmi", "ari", "n_samples", "n_clusters", "n_used_clusters", "epoch", "seconds",
+            "world_size"} <= metrics.keys()
+    assert metrics == {**result, "parameter_sha256_per_rank": result["parameter_sha256_per_rank"]}
+    joint = [line for line in run.read_metrics_log() if line["phase"] == "joint"]
+    assert [line["epoch"] for line in joint] == [10, 20] and all("acc" in line for line in joint)
+    assert run.read_assignments().shape == (1797,) and metrics["n_used_clusters"] >= 2
+    assert metrics["acc"] >= 0.2  # a short schedule, but no full collapse (one cluster scores about 0.10)
+    other = "cluster" if sampler == "full" else "full"
+    with pytest.raises(ConfigError, match=f"written with the joint sampler .*'{sampler}'"):
+        train(_short_config(tmp_path, tmp_path / "data", "run", *overrides, f"train.joint_sampler={other}",
+                            "train.resume=true"))
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
+    legacy = tmp_path / "run" / "checkpoints" / "ckpt-1-00005-0000000"
+    legacy.mkdir(parents=True)
+    (legacy / "position.json").write_text('{"phase": "joint", "epoch": 5, "step": 0}')
+    with pytest.raises(ConfigError, match="written by an older sddecc-dist"):
+        train(_short_config(tmp_path, tmp_path / "data", "run", "train.resume=true"))

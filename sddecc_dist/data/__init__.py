@@ -9,6 +9,7 @@ from .partitioned import (
 )
 from .shards import (
     load_all,
+    manifest_fingerprint,
     rank_shards,
     read_manifest,
     sample_pipeline,
@@ -27,6 +28,7 @@ __all__ = [
     "RawDataset",
     "load_all",
     "load_source",
+    "manifest_fingerprint",
     "partition_fingerprint",
     "rank_shards",
     "read_manifest",

@@ -40,6 +40,7 @@ from .shards import (
     _mark_seen,
     _sha256,
     _shard_error_handler,
+    manifest_fingerprint,
     rank_shards,
     read_manifest,
     shard_urls,
@@ -125,8 +126,6 @@ def write_partitioned_shards(
                 entries.append(entry)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
-
-    from sddecc_dist.stages import manifest_fingerprint  # stages imports the data package
 
     section = {
         "source_fingerprint": manifest_fingerprint(manifest),

@@ -100,6 +100,14 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def manifest_fingerprint(manifest: dict) -> str:
+    """Identifies the exact shards of a manifest (count and shard checksums): artifacts made
+    from the shards (graph, partitions, partition-ordered shards) record it, so that one made
+    from other shards is refused rather than reused."""
+    text = json.dumps([manifest["count"], [s["sha256"] for s in manifest["shards"]]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def verify_shards(data_dir: str | Path, manifest: dict | None = None) -> None:
     """Recompute each shard's sha256 against the manifest (catches corruption that still parses)."""
     manifest = manifest if manifest is not None else read_manifest(data_dir)

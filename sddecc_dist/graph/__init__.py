@@ -1,4 +1,7 @@
-"""kNN graph construction for the GCN branch of SDDECC, and its partitions for Cluster-GCN."""
+"""kNN graph construction for the GCN branch of SDDECC, and its partitions for Cluster-GCN.
+
+Plain arrays and files in, plain arrays and files out: which artifact of a data folder holds
+which graph is the pipeline's business (sddecc_dist.pipeline)."""
 
 from .adjacency import (
     build_graph,
@@ -11,29 +14,28 @@ from .adjacency import (
     to_scipy_csr,
 )
 from .distributed import assign_shards, build_graph_sharded
-from .knn import INDEX_TYPES, GraphError, IndexParams, knn_graph, knn_search, resolve_use_gpu
+from .knn import INDEX_TYPES, GraphError, knn_graph, knn_search, resolve_use_gpu
 from .partition import (
+    PARTITION_FORMAT_VERSION,
     PARTITION_METHODS,
-    ensure_partitions,
     graph_fingerprint,
     induced_adjacency,
     inside_edge_fraction,
     load_partitions,
+    partition,
     partition_graph,
-    partition_path,
     partition_stats,
     save_partitions,
 )
 
 __all__ = [
     "INDEX_TYPES",
+    "PARTITION_FORMAT_VERSION",
     "PARTITION_METHODS",
     "GraphError",
-    "IndexParams",
     "assign_shards",
     "build_graph",
     "build_graph_sharded",
-    "ensure_partitions",
     "graph_fingerprint",
     "induced_adjacency",
     "inside_edge_fraction",
@@ -43,8 +45,8 @@ __all__ = [
     "load_neighbors",
     "load_partitions",
     "normalized_adjacency",
+    "partition",
     "partition_graph",
-    "partition_path",
     "partition_stats",
     "renormalize",
     "resolve_use_gpu",

@@ -17,7 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .knn import GraphError, IndexParams, knn_graph, resolve_use_gpu
+from sddecc_dist.config import IndexParams
+
+from .knn import GraphError, knn_graph, resolve_use_gpu
 
 # torch prints a "sparse CSR support is in beta" warning on the first CSR tensor; the
 # operations used here (construction, sparse.mm with gradients to the dense side) are tested.

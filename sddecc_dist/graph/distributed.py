@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sddecc_dist.config import IndexParams
 from sddecc_dist.data import read_manifest, sample_pipeline, shard_indices, shard_urls, verify_shards
 
 from .adjacency import normalized_adjacency
 from .knn import (
     _GPU_MAX_K,
     GraphError,
-    IndexParams,
     _drop_self,
     _validated_features,
     build_index,

@@ -11,17 +11,16 @@ how approximate it is.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from sddecc_dist.config import IndexParams, choices
+
 __all__ = [
     "INDEX_TYPES",
     "GraphError",
-    "IndexParams",
     "build_index",
     "knn_graph",
     "knn_search",
@@ -34,7 +33,7 @@ __all__ = [
 
 # FAISS GPU search cannot select more than this many neighbours.
 _GPU_MAX_K = 2048
-INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
+INDEX_TYPES = choices(IndexParams, "index")
 # IVF-PQ distances are approximate: we fetch this many times k+1 candidates and re-rank
 # them with exact distances from the raw vectors, which the caller holds anyway.
 _PQ_RERANK_FACTOR = 4
@@ -46,47 +45,6 @@ _RECALL_RTOL = 1e-4
 
 class GraphError(ValueError):
     """Invalid input to, or unreadable output of, the graph construction."""
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """How the kNN index is chosen and tuned. ``GraphConfig`` holds the same fields.
-
-    index: ``auto`` picks ``flat`` (exact) for N <= exact_max_n, ``ivf`` (IVF-Flat) for
-        N <= ivf_max_n, else ``ivfpq`` (IVF with product-quantised vectors, 8 bits per code).
-    nlist: inverted lists; 0 -> round(4 sqrt(n)), n the vectors in the index (a rank's
-        share in a sharded build).
-    nprobe: lists visited per query; more is slower and closer to exact.
-    pq_m: bytes per vector in IVF-PQ, must divide the dimension; 0 -> the largest
-        divisor of d that is <= min(64, d // 4) (at least 4x compression).
-    train_sample: vectors the IVF (and PQ) training sees; 0 -> min(n, max(64 nlist, 16384)).
-    recall_queries: random queries on which recall@k against exact search is measured
-        for approximate indexes (0 skips the measurement).
-    seed: seeds the training sample and the recall queries.
-    """
-
-    index: str = "auto"
-    exact_max_n: int = 100_000
-    ivf_max_n: int = 10_000_000
-    nlist: int = 0
-    nprobe: int = 16
-    pq_m: int = 0
-    train_sample: int = 0
-    recall_queries: int = 1000
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.index not in INDEX_TYPES:
-            raise GraphError(f"index={self.index!r} is not one of {', '.join(INDEX_TYPES)}")
-        for name in ("exact_max_n", "ivf_max_n", "nlist", "pq_m", "train_sample", "recall_queries", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise GraphError(f"{name}={value!r} must be an integer >= 0")
-        if isinstance(self.nprobe, bool) or not isinstance(self.nprobe, (int, np.integer)) or self.nprobe < 1:
-            raise GraphError(f"nprobe={self.nprobe!r} must be an integer >= 1")
-
-    def replace(self, **changes) -> IndexParams:
-        return dataclasses.replace(self, **changes)
 
 
 def resolve_use_gpu(use_gpu: bool | None) -> bool:

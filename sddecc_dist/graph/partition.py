@@ -6,43 +6,43 @@ renormalised there. Partitions found by METIS keep most kNN edges inside a parti
 little of the graph is dropped; a balanced random assignment is the baseline that shows how
 much METIS buys (and the fallback where pymetis cannot be installed).
 
-The artifact ``DATA_DIR/partitions-k{k}-p{P}.npz`` holds the partition of every sample and
-records the dataset and graph it was built from, so a partition of other shards or of another
-kNN graph is refused rather than silently reused.
+The artifact (``save_partitions``; the partition stage in ``sddecc_dist.pipeline`` names it
+and builds it) holds the partition of every sample and records the dataset and graph it was
+built from, so a partition of other shards or of another kNN graph is refused rather than
+silently reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sddecc_dist.data import partition_fingerprint
-from sddecc_dist.utils import atomic_write_bytes, console
+from sddecc_dist.config import TrainConfig, choices
+from sddecc_dist.utils import atomic_write_bytes
 
-from .adjacency import load_neighbors, renormalize, symmetric_adjacency
+from .adjacency import renormalize, symmetric_adjacency
 from .knn import GraphError
 
 __all__ = [
+    "PARTITION_FORMAT_VERSION",
     "PARTITION_METHODS",
-    "ensure_partitions",
     "graph_fingerprint",
     "induced_adjacency",
     "inside_edge_fraction",
     "load_partitions",
+    "partition",
     "partition_graph",
-    "partition_path",
     "partition_stats",
     "save_partitions",
 ]
 
-PARTITION_METHODS = ("metis", "random")
-_FORMAT_VERSION = 1
+PARTITION_METHODS = choices(TrainConfig, "partition_method")
+PARTITION_FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- partitioning
@@ -56,10 +56,11 @@ def partition_graph(neighbors: np.ndarray, n_parts: int, method: str = "metis", 
     Returns an (N,) int64 array with values in [0, n_parts), every partition non-empty.
     """
     adjacency = symmetric_adjacency(neighbors, np.asarray(neighbors).shape[0])
-    return _partition(adjacency, n_parts, method, seed)
+    return partition(adjacency, n_parts, method, seed)
 
 
-def _partition(adjacency: sp.csr_matrix, n_parts: int, method: str, seed: int) -> np.ndarray:
+def partition(adjacency: sp.csr_matrix, n_parts: int, method: str, seed: int) -> np.ndarray:
+    """``partition_graph`` on the symmetric adjacency itself (the partition stage has it)."""
     n_nodes = adjacency.shape[0]
     if isinstance(n_parts, bool) or not isinstance(n_parts, (int, np.integer)):
         raise GraphError(f"n_parts must be an integer, got {n_parts!r}")
@@ -185,10 +186,6 @@ def induced_adjacency(sym_adjacency: sp.csr_matrix, nodes: np.ndarray | torch.Te
 
 # ----------------------------------------------------------------------------- artifact
 
-def partition_path(data_dir: str | Path, k: int, n_parts: int) -> Path:
-    return Path(data_dir) / f"partitions-k{k}-p{n_parts}.npz"
-
-
 def save_partitions(path: str | Path, parts: np.ndarray, meta: dict) -> None:
     """Write ``parts`` (int64) and the JSON ``meta`` into one .npz, atomically (temp file, then
     rename), so a crash or a concurrent reader never sees half an artifact. The meta is stored
@@ -223,8 +220,8 @@ def load_partitions(
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise GraphError(f"partition artifact {path} is corrupt or not a partition file: {exc}") from exc
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != _FORMAT_VERSION:
-        raise GraphError(f"partition artifact {path} has format version {version}, expected {_FORMAT_VERSION}")
+    if version != PARTITION_FORMAT_VERSION:
+        raise GraphError(f"partition artifact {path} has format version {version}, expected {PARTITION_FORMAT_VERSION}")
     n_parts = meta.get("n_parts")
     if parts.ndim != 1 or parts.dtype != np.int64 or parts.shape[0] != meta.get("n") or not isinstance(n_parts, int):
         raise GraphError(f"partition artifact {path} is corrupt: parts of shape {parts.shape} dtype {parts.dtype}, "
@@ -240,56 +237,4 @@ def load_partitions(
                 f"partition artifact {path} was built from another {name.split('_')[0]} "
                 f"({name} {str(meta.get(name))[:12]}, now {expected[:12]}){hint}"
             )
-    return parts, meta
-
-
-def ensure_partitions(
-    data_dir: str | Path, k: int, n_parts: int, method: str = "metis", seed: int = 0, rebuild: bool = False
-) -> tuple[np.ndarray, dict]:
-    """Load ``partitions-k{k}-p{P}.npz`` of a data folder, or partition its kNN graph and save it.
-
-    The kNN graph stage runs first (``ensure_graph``: built if missing, refused if stale). An
-    artifact of other shards, of another graph, or made with another method or seed is an
-    error naming the call that rebuilds it, not silently reused.
-    """
-    from sddecc_dist.data import read_manifest
-    from sddecc_dist.stages import ensure_graph, graph_path, manifest_fingerprint  # stages imports this package
-
-    data_dir = Path(data_dir)
-    fingerprint = manifest_fingerprint(read_manifest(data_dir))
-    ensure_graph(data_dir, k)  # builds a missing graph, refuses a stale one; then read its kNN lists
-    neighbors, _ = load_neighbors(graph_path(data_dir, k))
-    graph_fp = graph_fingerprint(neighbors)
-    path = partition_path(data_dir, k, n_parts)
-    hint = f"sddecc partition {data_dir} --k {k} --parts {n_parts} --method {method} --seed {seed} --rebuild"
-    if path.exists() and not rebuild:
-        parts, meta = load_partitions(path, dataset_fingerprint=fingerprint, graph_fingerprint=graph_fp,
-                                      rebuild_hint=hint)
-        if meta.get("method") != method or meta.get("seed") != seed:
-            raise GraphError(f"partition artifact {path} was made with method {meta.get('method')!r} seed "
-                             f"{meta.get('seed')}, not {method!r} seed {seed}; rebuild it with: {hint}")
-        return parts, meta
-
-    start = time.perf_counter()
-    adjacency = symmetric_adjacency(neighbors, neighbors.shape[0])
-    parts = _partition(adjacency, n_parts, method, seed)
-    meta = {
-        "format_version": _FORMAT_VERSION,
-        "method": method,
-        "seed": int(seed),
-        "n_parts": int(n_parts),
-        "k": int(k),
-        "n": int(parts.shape[0]),
-        "dataset_fingerprint": fingerprint,
-        "graph_fingerprint": graph_fp,
-        "partition_fingerprint": partition_fingerprint(parts),
-        **partition_stats(adjacency, parts, n_parts),
-        "seconds": time.perf_counter() - start,
-    }
-    save_partitions(path, parts, meta)
-    console.log(
-        f"partitioned the k={k} graph of {meta['n']} samples into {n_parts} parts with {method} "
-        f"(sizes {meta['sizes']['min']}..{meta['sizes']['max']}, {meta['inside_edge_fraction']:.1%} of "
-        f"{meta['n_edges']} edges inside) in {meta['seconds']:.1f}s -> {path}"
-    )
     return parts, meta

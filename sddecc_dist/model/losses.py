@@ -1,11 +1,23 @@
-"""The loss terms of Eq. 12, 13 and 18, each a plain function of tensors (closed forms tested)."""
+"""The loss terms of Eq. 12, 13 and 18, each a plain function of tensors (closed forms tested),
+and which config weight multiplies each.
+
+A term of the joint phase's clustering objective is a function of a `ClusterBatch`, registered
+with `@cluster_term(name, weight=...)` below, where `weight` names its LossConfig field. The
+model computes every registered term whose weight is > 0 and adds it, weighted, to the loss;
+so adding a term is this file (the function) plus config.py (its weight, default 0).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sddecc_dist.config import LossConfig
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -87,7 +99,7 @@ def marginal_balance_kl(
     `running_marginal` a detached estimate over the data and s = `batch_share` (the batch's
     share of the data), so the batch moves the data's marginal by its own weight."""
     marginal = y.mean(0)
-    if running_marginal is not None:
+    if running_marginal is not None and batch_share < 1.0:  # a batch of all the data needs no estimate
         marginal = (1 - batch_share) * running_marginal.detach() + batch_share * marginal
     return (marginal * (torch.log(marginal.clamp_min(1e-12)) - _log_prior(prior, y.shape[1], y))).sum()
 
@@ -104,3 +116,115 @@ def neighbour_consistency(y: torch.Tensor, adjacency: torch.Tensor, rows: torch.
         keep &= member[src]
     src, dst = src[keep], dst[keep]
     return -torch.log((y[src] * y[dst]).sum(1).clamp_min(1e-12)).mean()
+
+
+def self_training_kl(y: torch.Tensor) -> torch.Tensor:
+    """DEC's self-training term (Xie et al. 2016): KL(P || Y), averaged over samples, towards
+    the sharpened target P_ij = (Y_ij² / f_j) / Σ_j' (Y_ij'² / f_j'), f_j = Σ_i Y_ij the soft
+    cluster frequency. P is a fixed target (no gradient): confident assignments pull the rest,
+    and dividing by f keeps large clusters from absorbing the others."""
+    with torch.no_grad():
+        weight = y.pow(2) / y.sum(0).clamp_min(1e-12)
+        target = weight / weight.sum(1, keepdim=True)
+    return (target * (torch.log(target.clamp_min(1e-12)) - torch.log(y.clamp_min(1e-12)))).sum(1).mean()
+
+
+# ---- which weight multiplies which term ------------------------------------------------------
+
+@dataclass
+class ClusterBatch:
+    """What a term of the clustering objective sees in one joint step. The scored rows are
+    picked when a term first asks for them, so that the autograd graph (and with it the
+    order in which gradients are summed) does not depend on which terms are on."""
+
+    y: torch.Tensor  # (B, K): Y of every node of the batch
+    adjacency: torch.Tensor | None  # the batch's normalised adjacency (None without the GCN)
+    scored: torch.Tensor | None  # rows of the batch whose loss this rank takes; None: all
+    codes: torch.Tensor  # (B, d): code means of every node (graph-smoothed when configured)
+    codes_logvar: torch.Tensor  # (B, d)
+    centers: torch.Tensor  # (K, d): μ_y
+    prior: torch.Tensor | None  # q(y); None: the paper's uniform
+    running_marginal: torch.Tensor | None  # estimate of the data's cluster marginal (minibatches)
+    batch_share: float  # the batch's share of the data
+
+    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.scored is None else rows[self.scored]
+
+    @functools.cached_property
+    def mean(self) -> torch.Tensor:
+        """(S, d): the scored rows' code means."""
+        return self._pick(self.codes)
+
+    @functools.cached_property
+    def logvar(self) -> torch.Tensor:
+        return self._pick(self.codes_logvar)
+
+    @functools.cached_property
+    def y_scored(self) -> torch.Tensor:
+        """(S, K): Y of the scored rows (one index op, shared by every term that uses it)."""
+        return self._pick(self.y)
+
+
+ClusterTerm = Callable[[ClusterBatch], torch.Tensor]
+# name -> (the LossConfig attribute holding its weight, the term), in the order they are added
+CLUSTER_TERMS: dict[str, tuple[str, ClusterTerm]] = {}
+
+# The minibatch terms of DDECN (Eq. 12, 13) and the warm-up's cross-entropy: name -> weight attribute
+# (None: weight 1).
+DDECN_TERMS: dict[str, str | None] = {
+    "recon": "recon_weight",
+    "global_mi": "mi_weight",
+    "local_mi": "mi_weight",
+    "prior_kl": "kl_weight",
+    "start_ce": None,  # the only term of a head warm-up towards the initial partition
+}
+
+
+def cluster_term(name: str, weight: str) -> Callable[[ClusterTerm], ClusterTerm]:
+    """Register a term of the joint phase's clustering objective under `name`, multiplied by
+    LossConfig's `weight` attribute and computed only when that weight is > 0."""
+    if not hasattr(LossConfig(), weight):
+        raise AttributeError(f"LossConfig has no weight {weight!r} for the loss term {name!r}")
+
+    def register(term: ClusterTerm) -> ClusterTerm:
+        CLUSTER_TERMS[name] = (weight, term)
+        return term
+
+    return register
+
+
+def term_weight(name: str, loss_config: LossConfig) -> float:
+    """The weight of the term `name` under `loss_config`."""
+    attribute = CLUSTER_TERMS[name][0] if name in CLUSTER_TERMS else DDECN_TERMS[name]
+    return 1.0 if attribute is None else getattr(loss_config, attribute)
+
+
+def cluster_terms(batch: ClusterBatch, loss_config: LossConfig) -> dict[str, torch.Tensor]:
+    """Every registered clustering term whose weight is > 0 (unweighted), in registration order."""
+    return {name: term(batch) for name, (weight, term) in CLUSTER_TERMS.items()
+            if getattr(loss_config, weight) > 0}
+
+
+def weighted_total(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> torch.Tensor:
+    """Σ weight · term over `terms`, summed in their order."""
+    return sum(term_weight(name, loss_config) * value for name, value in terms.items())
+
+
+@cluster_term("neighbour", weight="neighbour_weight")
+def _neighbour(batch: ClusterBatch) -> torch.Tensor:
+    return neighbour_consistency(batch.y, batch.adjacency, batch.scored)
+
+
+@cluster_term("cluster_kl", weight="cluster_kl_weight")
+def _cluster_kl(batch: ClusterBatch) -> torch.Tensor:
+    return clustering_kl(batch.mean, batch.logvar, batch.y_scored, batch.centers, batch.prior)
+
+
+@cluster_term("balance", weight="balance_weight")
+def _balance(batch: ClusterBatch) -> torch.Tensor:
+    return marginal_balance_kl(batch.y_scored, batch.running_marginal, batch.batch_share, prior=batch.prior)
+
+
+@cluster_term("self_training", weight="self_training_weight")
+def _self_training(batch: ClusterBatch) -> torch.Tensor:
+    return self_training_kl(batch.y_scored)

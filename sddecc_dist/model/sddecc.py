@@ -58,9 +58,15 @@ class SDDECC(nn.Module):
         # the initial partition's cluster proportions. A buffer: saved with the model, not learnt.
         self.register_buffer("cluster_prior", torch.full((n_clusters,), 1.0 / n_clusters))
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of p(y|x): the GCN, or the linear head in the ablations without it."""
-        return list((self.gcn if self.use_gcn else self.cluster_head).parameters())
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters by what trains them at which rate: `ddecn` (autoencoder, discriminators
+        and centres μ_y) and `head` (p(y|x): the GCN, or the linear head of the ablations
+        without it), each in `parameters()` order."""
+        head = "gcn." if self.use_gcn else "cluster_head."
+        groups: dict[str, list[nn.Parameter]] = {"ddecn": [], "head": []}
+        for name, parameter in self.named_parameters():
+            groups["head" if name.startswith(head) else "ddecn"].append(parameter)
+        return groups
 
     # ---- pieces -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> EncoderOutput:
@@ -193,38 +199,23 @@ class SDDECC(nn.Module):
         running_marginal: tuple[torch.Tensor, float] | None,
         adjacency: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Eq. 18, the cluster-balance and the neighbour terms over the nodes `loss_index`, each
-        only when on. `running_marginal`: (estimate of the data's cluster marginal, this batch's
-        share of the data) for minibatches (see losses.marginal_balance_kl). `adjacency`: the
-        batch's graph, for Eq. 18 on smoothed codes and for the neighbour term (docs/method.md)."""
-        terms = {}
+        """The clustering terms (losses.CLUSTER_TERMS: Eq. 18 and the additions whose weight is
+        on) over the nodes `loss_index`. `running_marginal`: (estimate of the data's cluster
+        marginal, this batch's share of the data) for minibatches (see losses.marginal_balance_kl).
+        `adjacency`: the batch's graph, for Eq. 18 on smoothed codes and the graph terms."""
+        codes = encoded.mean
         if loss_config.cluster_code_smoothing and adjacency is not None:
             # Smoothed over every node of the batch before the loss rows are picked.
-            smoothed = smooth(adjacency, encoded.mean, loss_config.cluster_code_smoothing)
-            encoded = EncoderOutput(encoded.features, smoothed, encoded.logvar)
-        if loss_config.neighbour_weight > 0 and adjacency is not None:
-            terms["neighbour"] = losses.neighbour_consistency(y, adjacency, loss_index)
-        if loss_index is not None:
-            encoded, y = _rows(encoded, loss_index), y[loss_index]
-        if loss_config.cluster_kl and loss_config.kl_weight > 0:
-            terms["cluster_kl"] = losses.clustering_kl(encoded.mean, encoded.logvar, y, centers, prior)
-        if loss_config.balance_weight > 0:
-            terms["balance"] = losses.marginal_balance_kl(y, *(running_marginal or (None, 1.0)), prior=prior)
-        return terms
+            codes = smooth(adjacency, codes, loss_config.cluster_code_smoothing)
+        marginal, share = running_marginal or (None, 1.0)
+        batch = losses.ClusterBatch(y=y, adjacency=adjacency, scored=loss_index, codes=codes,
+                                    codes_logvar=encoded.logvar, centers=centers, prior=prior,
+                                    running_marginal=marginal, batch_share=share)
+        return losses.cluster_terms(batch, loss_config)
 
     @staticmethod
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:
-        weights = {
-            "recon": loss_config.recon_weight,
-            "global_mi": loss_config.mi_weight,
-            "local_mi": loss_config.mi_weight,
-            "prior_kl": loss_config.kl_weight,
-            "cluster_kl": loss_config.kl_weight,
-            "balance": loss_config.balance_weight,
-            "neighbour": loss_config.neighbour_weight,
-            "start_ce": 1.0,  # the only term of a warm-up towards the initial partition
-        }
-        total = sum(weights[name] * value for name, value in terms.items())
+        total = losses.weighted_total(terms, loss_config)
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})
 
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from sklearn.cluster import KMeans
 
 from sddecc_dist.data import DataError, load_all, read_manifest
 from sddecc_dist.data.shards import MANIFEST_NAME
-from sddecc_dist.metrics import clustering_scores
-from sddecc_dist.utils import atomic_write_json, atomic_write_text, console, peak_memory_mib
+from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.run_folder import RunFolder
+from sddecc_dist.utils import console, peak_memory_mib
 
 __all__ = ["KMEANS_PIXELS_METHOD", "kmeans_on_pixels"]
 
@@ -73,14 +73,15 @@ def kmeans_on_pixels(
         "selection": "k-means on raw pixels (no training)",
         "seconds": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
-        "assignments": "assignments.txt",
+        "assignments": RunFolder.ASSIGNMENTS,
     }
     config = {"name": manifest["name"], "data_dir": str(data_dir), "output_dir": str(output_dir), "seed": seed,
               "n_clusters": int(k), "baseline": "kmeans-pixels", "n_init": n_init}
     # config first and metrics last, as the trainer does: metrics.json marks a finished run.
-    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    atomic_write_text(output_dir / "assignments.txt", "\n".join(map(str, assignments.tolist())) + "\n")
-    atomic_write_json(output_dir / "metrics.json", result)
+    run = RunFolder(output_dir)
+    run.write_config(config)
+    run.write_assignments(assignments)
+    run.write_metrics(result)
     score_text = " ".join(f"{name} {scores[name]:.4f}" for name in ("acc", "nmi", "ari")) if scores else "no labels"
     console.log(f"k-means on raw pixels of {manifest['name']} ({result['n_samples']} samples, {k} clusters, "
                 f"seed {seed}): {score_text} in {result['seconds']:.1f}s -> {output_dir}")

@@ -11,8 +11,8 @@ its metrics.json is kept as it is; one that stopped before the end is resumed fr
 checkpoints; so a reproduction that was interrupted continues where it stopped, and one run
 can be deleted and redone alone. Each training run is its own process (`python
 launch/train.py`, or the `--launcher` given, e.g. `accelerate launch --num_processes 2`):
-Accelerate's state is per process. The table (sddecc_dist.report) and the figures
-(sddecc_dist.plots) are written next to the runs, from the run folders only.
+Accelerate's state is per process. The table (sddecc_dist.paper.report) and the figures
+(sddecc_dist.eval.plots) are written next to the runs, from the run folders only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sddecc_dist.config import ConfigError, load_config
+from sddecc_dist.eval.baselines import kmeans_on_pixels
+from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
+from sddecc_dist.paper.report import report
+from sddecc_dist.pipeline import prepare_dataset
+from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.utils import console
 
 # The dataset name of a manifest -> its paper config.
@@ -56,11 +61,11 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        return (self.output_dir / "metrics.json").is_file()
+        return RunFolder(self.output_dir).is_finished
 
     @property
     def started(self) -> bool:
-        return (self.output_dir / "config.yaml").is_file()
+        return RunFolder(self.output_dir).is_started
 
 
 def plan(target: str, dataset: str, seeds: list[int], runs_dir: Path, configs_dir: Path,
@@ -92,7 +97,7 @@ def plan(target: str, dataset: str, seeds: list[int], runs_dir: Path, configs_di
 
 
 def _train_script() -> Path:
-    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
+    script = Path(__file__).resolve().parents[2] / "launch" / "train.py"
     if not script.is_file():
         raise ConfigError(f"{script} not found: reproduction runs from a checkout of sddecc-dist "
                           "(pip install -e .), where launch/train.py lives")
@@ -113,8 +118,6 @@ def train_command(run: PlannedRun, launcher: list[str]) -> list[str]:
 def _ensure_data(config_files: list[Path], overrides: list[str]) -> str:
     """Prepare the dataset's shards if they are missing (the k-means baseline reads them);
     returns the data folder."""
-    from sddecc_dist.stages import prepare_dataset
-
     config = load_config(config_files, overrides)
     if not (Path(config.data_dir) / "dataset.json").is_file():
         if config.data.source is None:
@@ -127,8 +130,6 @@ def _ensure_data(config_files: list[Path], overrides: list[str]) -> str:
 
 def execute(runs: list[PlannedRun], launcher: list[str], dry_run: bool = False) -> None:
     """Run what is not finished, one run at a time."""
-    from sddecc_dist.baselines import kmeans_on_pixels
-
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed} -> {run.output_dir}"
         if run.finished:
@@ -158,9 +159,6 @@ def reproduce(target: str, dataset: str, seeds: list[int], runs_dir: str | Path 
     """Run (or resume) what `target` needs and write its table or figures; returns their paths.
     `only`: the variants (e.g. ["kmeans_pixels", "ae_kmeans"]) to run and report, when the
     others do not fit the time at hand."""
-    from sddecc_dist.plots import embedding_tsne, lambda_heatmaps
-    from sddecc_dist.report import report
-
     runs_dir, configs_dir = Path(runs_dir), Path(configs_dir)
     if not seeds:
         raise ConfigError("reproduction needs at least one seed")

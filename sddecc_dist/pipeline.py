@@ -1,25 +1,52 @@
 """The stages before training, each reading and writing named artifacts in the data folder:
 
-    prepare:  raw source  -> shard-*.tar + dataset.json   (sddecc prepare)
-    graph:    shards      -> graph-k{k}.pt                (sddecc graph)
+    prepare:    raw source   -> shard-*.tar + dataset.json                 (sddecc prepare)
+    graph:      shards       -> graph-k{k}.pt                              (sddecc graph)
+    partition:  graph        -> partitions-k{k}-p{P}.npz                   (sddecc partition)
+                + shards     -> partitioned-k{k}-p{P}/shard-*.tar + dataset.json
 
-Each can be rerun alone; training calls them only for artifacts that are missing.
-`load_trained_model` reads a run's checkpoint back for the analysis scripts.
+Each can be rerun alone; training calls them only for artifacts that are missing. Every
+artifact records the fingerprint of what it was made from, and one made from something else
+is refused with the command that rebuilds it, never silently reused. This module is the one
+place that names the artifacts of a data folder (besides the shards and manifest, which the
+data layer names).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from sddecc_dist.config import Config, GraphConfig, config_from_dict
-from sddecc_dist.data import load_all, load_source, read_manifest, write_shards
-from sddecc_dist.graph import GraphError, IndexParams, build_graph, build_graph_sharded, load_graph, save_graph
-from sddecc_dist.model.sddecc import SDDECC
+from sddecc_dist.config import IndexParams
+from sddecc_dist.data import (
+    load_all,
+    load_source,
+    manifest_fingerprint,
+    partition_fingerprint,
+    read_manifest,
+    read_partitioned_manifest,
+    write_partitioned_shards,
+    write_shards,
+)
+from sddecc_dist.graph import (
+    PARTITION_FORMAT_VERSION,
+    GraphError,
+    build_graph,
+    build_graph_sharded,
+    graph_fingerprint,
+    load_graph,
+    load_neighbors,
+    load_partitions,
+    partition,
+    partition_stats,
+    save_graph,
+    save_partitions,
+    symmetric_adjacency,
+)
 from sddecc_dist.utils import console
 
 
@@ -42,19 +69,8 @@ def prepare_dataset(
     return manifest
 
 
-def manifest_fingerprint(manifest: dict) -> str:
-    """Identifies the exact shards a graph was built from (count and shard checksums)."""
-    text = json.dumps([manifest["count"], [s["sha256"] for s in manifest["shards"]]])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def graph_path(data_dir: str | Path, k: int) -> Path:
     return Path(data_dir) / f"graph-k{k}.pt"
-
-
-def index_params(graph: GraphConfig) -> IndexParams:
-    """The FAISS index settings of a run's `graph:` config section."""
-    return IndexParams(**{f.name: getattr(graph, f.name) for f in dataclasses.fields(IndexParams)})
 
 
 def _check_artifact(path: Path, data_dir: Path, manifest: dict, k: int, fingerprint: str) -> torch.Tensor:
@@ -76,7 +92,7 @@ def ensure_graph(
     use_gpu: bool | None = None,
     rebuild: bool = False,
     *,
-    params: IndexParams | None = None,
+    params: IndexParams | None = None,  # a config's GraphConfig is one
     sharded: bool = False,
     group=None,
 ) -> torch.Tensor:
@@ -96,8 +112,6 @@ def ensure_graph(
     if path.exists() and not rebuild:
         return _check_artifact(path, data_dir, manifest, k, fingerprint)
     if sharded:
-        import torch.distributed as dist
-
         adjacency, neighbors, meta = build_graph_sharded(data_dir, k, params, use_gpu=use_gpu, group=group)
         error = None
         if adjacency is not None:  # rank 0
@@ -133,6 +147,59 @@ def _save(path: Path, adjacency: torch.Tensor, neighbors, meta: dict, fingerprin
     )
 
 
+def partition_path(data_dir: str | Path, k: int, n_parts: int) -> Path:
+    return Path(data_dir) / f"partitions-k{k}-p{n_parts}.npz"
+
+
+def ensure_partitions(
+    data_dir: str | Path, k: int, n_parts: int, method: str = "metis", seed: int = 0, rebuild: bool = False
+) -> tuple[np.ndarray, dict]:
+    """Load ``partitions-k{k}-p{P}.npz`` of a data folder, or partition its kNN graph and save it.
+
+    The kNN graph stage runs first (``ensure_graph``: built if missing, refused if stale). An
+    artifact of other shards, of another graph, or made with another method or seed is an
+    error naming the call that rebuilds it, not silently reused.
+    """
+    data_dir = Path(data_dir)
+    fingerprint = manifest_fingerprint(read_manifest(data_dir))
+    ensure_graph(data_dir, k)  # builds a missing graph, refuses a stale one; then read its kNN lists
+    neighbors, _ = load_neighbors(graph_path(data_dir, k))
+    graph_fp = graph_fingerprint(neighbors)
+    path = partition_path(data_dir, k, n_parts)
+    hint = f"sddecc partition {data_dir} --k {k} --parts {n_parts} --method {method} --seed {seed} --rebuild"
+    if path.exists() and not rebuild:
+        parts, meta = load_partitions(path, dataset_fingerprint=fingerprint, graph_fingerprint=graph_fp,
+                                      rebuild_hint=hint)
+        if meta.get("method") != method or meta.get("seed") != seed:
+            raise GraphError(f"partition artifact {path} was made with method {meta.get('method')!r} seed "
+                             f"{meta.get('seed')}, not {method!r} seed {seed}; rebuild it with: {hint}")
+        return parts, meta
+
+    start = time.perf_counter()
+    adjacency = symmetric_adjacency(neighbors, neighbors.shape[0])
+    parts = partition(adjacency, n_parts, method, seed)
+    meta = {
+        "format_version": PARTITION_FORMAT_VERSION,
+        "method": method,
+        "seed": int(seed),
+        "n_parts": int(n_parts),
+        "k": int(k),
+        "n": int(parts.shape[0]),
+        "dataset_fingerprint": fingerprint,
+        "graph_fingerprint": graph_fp,
+        "partition_fingerprint": partition_fingerprint(parts),
+        **partition_stats(adjacency, parts, n_parts),
+        "seconds": time.perf_counter() - start,
+    }
+    save_partitions(path, parts, meta)
+    console.log(
+        f"partitioned the k={k} graph of {meta['n']} samples into {n_parts} parts with {method} "
+        f"(sizes {meta['sizes']['min']}..{meta['sizes']['max']}, {meta['inside_edge_fraction']:.1%} of "
+        f"{meta['n_edges']} edges inside) in {meta['seconds']:.1f}s -> {path}"
+    )
+    return parts, meta
+
+
 def partitioned_dir(data_dir: str | Path, k: int, n_parts: int) -> Path:
     return Path(data_dir) / f"partitioned-k{k}-p{n_parts}"
 
@@ -144,9 +211,6 @@ def ensure_partitioned_shards(
     """The partition stage: METIS partitions of the kNN graph (`partitions-k{k}-p{P}.npz`) and
     the shards rewritten in partition order (`partitioned-k{k}-p{P}/`), each built if missing and
     checked against the shards and graph they came from. Returns the partitioned folder."""
-    from sddecc_dist.data import partition_fingerprint, read_partitioned_manifest, write_partitioned_shards
-    from sddecc_dist.graph import ensure_partitions
-
     data_dir = Path(data_dir)
     parts, meta = ensure_partitions(data_dir, k, n_parts, method=method, seed=seed)
     out = partitioned_dir(data_dir, k, n_parts)
@@ -159,16 +223,3 @@ def ensure_partitioned_shards(
                 f"({meta['inside_edge_fraction']:.3f} of edges inside) in {len(manifest['shards'])} "
                 f"shard(s) -> {out}")
     return out
-
-
-def load_trained_model(checkpoint: str | Path, data_dir: str | Path | None = None) -> tuple[Config, dict, SDDECC]:
-    """(the run's resolved config, its dataset's manifest, the model with the checkpoint's weights).
-
-    The manifest is read from `data_dir`, by default the config's own (pass it for a run folder
-    moved away from its data); the number of clusters is the config's, else the manifest's."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = config_from_dict(state["config"], str(checkpoint))
-    manifest = read_manifest(config.data_dir if data_dir is None else data_dir)
-    model = SDDECC(tuple(manifest["image_shape"]), config.n_clusters or manifest["n_classes"], config.model)
-    model.load_state_dict(state["model"])
-    return config, manifest, model

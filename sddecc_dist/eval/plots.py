@@ -7,7 +7,6 @@ be redrawn at any time without retraining. PNGs are written atomically, like eve
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,12 +17,11 @@ matplotlib.use("Agg")  # files only, no display; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
-from sddecc_dist.config import config_from_dict, method_name  # noqa: E402
-from sddecc_dist.data import DataError, load_all, read_manifest  # noqa: E402
-from sddecc_dist.model.sddecc import SDDECC  # noqa: E402
+from sddecc_dist.config import method_name  # noqa: E402
+from sddecc_dist.data import DataError, load_all  # noqa: E402
+from sddecc_dist.run_folder import RunFolder, RunFolderError, load_model  # noqa: E402
 from sddecc_dist.utils import atomic_write_bytes  # noqa: E402
 
 __all__ = ["DPI", "HEATMAP_FIGSIZE", "TSNE_FIGSIZE", "embedding_tsne", "lambda_grid", "lambda_heatmaps",
@@ -51,31 +49,23 @@ def embedding_tsne(
     out_png: str | Path,
     n_samples: int = 2000,
     seed: int = 0,
-    checkpoint: str = "final.pt",
+    model_file: str = "final",
     data_dir: str | Path | None = None,
 ) -> Path:
     """Figure 6: a 2-D t-SNE of the mean codes of a run's model, coloured by true class.
 
-    The model and its config come from `run_dir/checkpoints/<checkpoint>`; the images from the
-    config's data_dir (`data_dir` overrides it, for a run folder moved away from its data).
-    The title carries ACC / NMI from metrics.json only for final.pt, since those scores belong
-    to the final model, not to e.g. pretrain.pt.
+    The model and its config come from the run's model file `model_file` (final or pretrain);
+    the images from the config's data_dir (`data_dir` overrides it, for a run folder moved away
+    from its data). The title carries ACC / NMI from metrics.json only for the final model,
+    since those scores belong to it, not to e.g. the pretrained one.
     """
-    run_dir, out_png = Path(run_dir), Path(out_png)
-    path = run_dir / "checkpoints" / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (a finished run writes checkpoints/final.pt "
-                                "and checkpoints/pretrain.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    config = config_from_dict(state["config"], str(path))
+    run, out_png = RunFolder(run_dir), Path(out_png)
+    trained = load_model(run.model_file(model_file), data_dir)
+    config, manifest, model = trained.config, trained.manifest, trained.model
     data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
-    manifest = read_manifest(data_dir)
     if not manifest["has_labels"]:
         raise DataError(f"{data_dir / 'dataset.json'} ({manifest['name']}) has no labels: "
                         "the t-SNE figure is coloured by true class")
-    n_clusters = config.n_clusters or manifest["n_classes"]
-    model = SDDECC(tuple(manifest["image_shape"]), n_clusters, config.model)
-    model.load_state_dict(state["model"])
 
     images, labels = load_all(data_dir, manifest)
     chosen = sample_indices(len(images), n_samples, seed)
@@ -86,14 +76,13 @@ def embedding_tsne(
     embedded = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(codes)
 
     title = f"{method_name(config)} on {manifest['name']}"
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
+    if run.is_finished:
+        metrics = run.read_metrics()
         title = f"{metrics.get('method', method_name(config))} on {metrics.get('dataset', manifest['name'])}"
-        if checkpoint == "final.pt" and "acc" in metrics and "nmi" in metrics:
+        if model_file == "final" and "acc" in metrics and "nmi" in metrics:
             title += f": ACC {metrics['acc']:.3f} / NMI {metrics['nmi']:.3f}"
-    if checkpoint != "final.pt":
-        title += f" ({checkpoint})"
+    if model_file != "final":
+        title += f" ({model_file} model)"
 
     fig = plt.figure(figsize=TSNE_FIGSIZE, dpi=DPI)
     try:
@@ -199,37 +188,22 @@ def _heatmap(matrix: np.ndarray, lambda1: np.ndarray, lambda2: np.ndarray, title
 
 def _read_grid_run(run_dir: Path) -> dict:
     """λ1, λ2, seed, dataset and scores of one trainer run folder, with errors that name it."""
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} does not exist: is {run_dir} a finished run folder?")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: is {run_dir} a run folder?")
-    metrics = json.loads(metrics_path.read_text())
-    config = yaml.safe_load(config_path.read_text()) or {}
-    loss = config.get("loss") or {}
-    if "mi_weight" not in loss or "kl_weight" not in loss:
-        raise ValueError(f"{config_path} has no loss.mi_weight / loss.kl_weight: not a trained SDDECC run")
+    run = RunFolder(run_dir)
+    metrics = run.read_metrics()
+    config = run.read_config()
+    if config is None:
+        raise RunFolderError(f"{run.config_path} holds no training config: not a trained SDDECC run")
     if "acc" not in metrics or "nmi" not in metrics:
-        raise ValueError(f"{metrics_path} has no acc / nmi (a run on unlabelled data cannot be scored)")
+        raise RunFolderError(f"{run.metrics_path} has no acc / nmi (a run on unlabelled data cannot be scored)")
     return {
         "dir": run_dir,
-        "lambda1": float(loss["mi_weight"]),
-        "lambda2": float(loss["kl_weight"]),
-        "seed": int(metrics.get("seed", config.get("seed", 0))),
-        "dataset": metrics.get("dataset") or _dataset_from_config(config),
+        "lambda1": config.loss.mi_weight,
+        "lambda2": config.loss.kl_weight,
+        "seed": int(metrics["seed"]),
+        "dataset": metrics["dataset"],
         "acc": float(metrics["acc"]),
         "nmi": float(metrics["nmi"]),
     }
-
-
-def _dataset_from_config(config: dict) -> str:
-    """The dataset of an older run whose metrics.json lacks it: the manifest's name when its
-    data folder is at hand, else the folder itself."""
-    data_dir = str(config.get("data_dir", "?"))
-    try:
-        return read_manifest(data_dir)["name"]
-    except DataError:
-        return f"data_dir {data_dir}"
 
 
 def _save_png(fig: plt.Figure, path: Path) -> None:

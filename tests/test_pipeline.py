@@ -6,7 +6,7 @@ import torch
 
 from sddecc_dist.data import load_all
 from sddecc_dist.graph import GraphError, load_graph, normalized_adjacency
-from sddecc_dist.stages import ensure_graph, graph_path, prepare_dataset
+from sddecc_dist.pipeline import ensure_graph, graph_path, prepare_dataset
 
 
 def test_graph_stage_builds_once_and_matches_its_definition(tmp_path):

@@ -1,0 +1,398 @@
+"""The SDDECC training loop, start to finish, in one place.
+
+    1. data:     shards (prepared if missing); each rank streams its own share
+    2. graph:    the joint sampler builds what it needs (kNN graph, for Cluster-GCN partitions)
+    3. pretrain: DDECN = reconstruction + λ1 MI (global, local) + λ2 prior KL, minibatches
+    4. start:    k-means or Ward on the pretrained mean codes (smoothed over the graph) -> μ_y
+    5. joint:    Eq. 19 on the sampler's graph batches (whole graph, or Cluster-GCN subgraphs)
+    6. results:  assignments argmax_j Y_ij of the LAST epoch (layer-wise full-graph inference),
+                 metrics, checkpoints
+
+One process or many: Accelerate (DDP, or DeepSpeed from the launch config) synchronises the
+gradients; the model and the data layer know nothing of ranks (train/distributed.py does).
+Labels never influence training or selection: they are only read to score the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object, set_seed
+from rich.progress import Progress
+
+from sddecc_dist.config import Config, ConfigError, method_name
+from sddecc_dist.data import read_manifest
+from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.model.sddecc import SDDECC
+from sddecc_dist.pipeline import prepare_dataset
+from sddecc_dist.run_folder import RunFolder, read_model_file
+from sddecc_dist.train import inference
+from sddecc_dist.train.checkpoint import Checkpointer, Position, TrainerState
+from sddecc_dist.train.distributed import (
+    Preempted,
+    StopSignal,
+    log,
+    make_accelerator,
+    progress_bars,
+    reset_optimizer_moments,
+    set_deepspeed_micro_batch,
+    sum_over_ranks,
+    sync_master_weights,
+)
+from sddecc_dist.train.inference import NodeShare
+from sddecc_dist.train.samplers import JointSampler, PretrainBatches, build_joint_sampler
+from sddecc_dist.utils import peak_memory_mib
+
+
+@dataclass
+class Training:
+    """What one training run composes; the phase functions below take it."""
+
+    config: Config
+    accelerator: Accelerator
+    run: RunFolder
+    checkpointer: Checkpointer
+    state: TrainerState
+    model: torch.nn.Module  # wrapped for DDP / DeepSpeed: the forward that synchronises gradients
+    core: SDDECC  # the same model, unwrapped
+    optimizer: torch.optim.Optimizer
+    sampler: JointSampler
+    share: NodeShare  # this rank's nodes, for the start and inference
+    labels: np.ndarray | None  # only to score
+    n: int
+    n_clusters: int
+    progress: Progress
+    stop: StopSignal
+
+    def checkpoint(self, at: Position) -> None:
+        self.state.position = at
+        self.checkpointer.save(self.state)
+
+    def after_step(self, at: Position, steps_in_epoch: int) -> None:
+        """Called after every optimiser step; on a signal, saves the position of the next one."""
+        signum = self.stop.agreed(self.accelerator)
+        if signum:
+            following = at.next(steps_in_epoch)
+            self.checkpoint(following)
+            log(f"[yellow]signal {signum}: saved {self.run.checkpoint_dir(following.name)}; exiting so the "
+                f"job can be requeued (resume with train.resume=true)")
+            raise Preempted(128 + signum)
+
+    def score(self, assignments: np.ndarray) -> dict:
+        return clustering_scores(self.labels, assignments) if self.labels is not None else {}
+
+    def log_metrics(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.run.append_metrics(record)
+
+
+def train(config: Config) -> dict:
+    started = time.time()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    accelerator = make_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(config.seed)  # the same on every rank: same initial weights, same k-means
+    run = RunFolder(config.output_dir)
+    if accelerator.is_main_process:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if not config.train.resume:
+        _set_aside_previous(run, accelerator)
+    if accelerator.is_main_process:
+        run.write_config(config)
+
+    # 1. data ------------------------------------------------------------------------------------
+    manifest = _prepare_data(config, accelerator)
+    n = manifest["count"]
+    n_clusters = config.n_clusters or manifest.get("n_classes")
+    if not n_clusters:
+        raise ConfigError(f"{config.data_dir}/dataset.json gives no number of classes: set n_clusters=K")
+    micro_batch = _micro_batch(config, world)
+
+    # 2. the joint sampler and the graph it needs -------------------------------------------------
+    with accelerator.main_process_first():  # rank 0 builds missing artifacts, the others then read them
+        sampler = build_joint_sampler(config, manifest, accelerator)
+    log(f"{manifest['name']}: {n} samples {tuple(manifest['image_shape'])}, {n_clusters} clusters, "
+        f"{world} process(es) on {accelerator.device}, joint sampler {config.train.joint_sampler}")
+    share = sampler.node_share()
+    labels = inference.gather_labels(share, n, accelerator)
+
+    # 3. model, and one optimiser with two named groups (DeepSpeed takes one per model) --------------
+    model = SDDECC(tuple(manifest["image_shape"]), n_clusters, config.model)
+    groups = model.parameter_groups()
+    optimizer = torch.optim.Adam([{"name": "ddecn", "params": groups["ddecn"], "lr": config.train.pretrain_lr},
+                                  {"name": "head", "params": groups["head"], "lr": 0.0}])
+    set_deepspeed_micro_batch(accelerator, micro_batch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    checkpointer = Checkpointer(run, accelerator, config.train.keep_checkpoints)
+
+    state = TrainerState()
+    if config.train.init_from:
+        _, pretrained = read_model_file(config.train.init_from)
+        # A pretrained model written before q(y) was a buffer: its q(y) was the uniform one.
+        core.load_state_dict({"cluster_prior": core.cluster_prior, **pretrained["model"]})
+        sync_master_weights(optimizer)
+        state.position = Position("joint", 0, 0)
+        log(f"pretrained model from {config.train.init_from}: pretraining skipped")
+    if config.train.resume:
+        restored = checkpointer.restore()
+        if restored is not None:
+            state = restored
+        else:
+            log(f"[yellow]no checkpoint in {run.checkpoints}: starting from scratch")
+            _set_aside_previous(run, accelerator)
+    if state.sampler and state.sampler != sampler.state_dict():
+        raise ConfigError(f"the checkpoint in {run.checkpoints} was written with the joint sampler {state.sampler}, "
+                          f"this run has {sampler.state_dict()}: resume with the same settings")
+    state.sampler = sampler.state_dict()
+
+    with StopSignal() as stop, progress_bars() as progress:
+        t = Training(config, accelerator, run, checkpointer, state, model, core, optimizer, sampler, share, labels,
+                     n, n_clusters, progress, stop)
+        # 4. pretraining
+        if state.position.phase == "pretrain":
+            _pretrain(t, PretrainBatches(config, manifest, micro_batch, rank, world))
+        elif config.train.init_from and accelerator.is_main_process:  # keep the stage's artifact in this run
+            shutil.copyfile(config.train.init_from, run.model_file("pretrain"))
+        # 5. the start: centres (and q(y)) from the initial partition of the pretrained codes, once
+        if state.position == Position("joint", 0, 0) and not state.start_ready:
+            _start(t)
+        # 6. joint training
+        joint_epochs = config.train.joint_epochs if config.loss.cluster_kl else 0
+        pending_line = _joint(t, joint_epochs)
+
+    # Training's high-water mark, before the full-graph inference (which holds one layer's
+    # activations for all N): with the cluster sampler it should not grow with N beyond O(N·k).
+    training_peak = peak_memory_mib()
+    return _finish(t, joint_epochs, pending_line, started, training_peak, manifest)
+
+
+def _pretrain(t: Training, batches: PretrainBatches) -> None:
+    """DDECN on minibatches: Eq. 12 + 13 (reconstruction, λ1 · MI, λ2 · prior KL)."""
+    cfg, at, device = t.config.train, t.state.position, t.accelerator.device
+    task = t.progress.add_task("pretrain", total=cfg.pretrain_epochs, completed=at.epoch, status="")
+    for epoch in range(at.epoch, cfg.pretrain_epochs):
+        epoch_start, sums, seen = time.time(), {}, 0
+        _set_learning_rates(t.optimizer, ddecn=cfg.pretrain_lr, head=0.0)
+        for step, x in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
+            x = x.to(device)
+            with t.accelerator.accumulate(t.model):
+                # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
+                terms = t.model("pretrain", x, loss_config=t.config.loss)
+                t.accelerator.backward(terms.total)
+                t.optimizer.step()
+                t.optimizer.zero_grad(set_to_none=True)
+            seen += len(x)
+            for k, v in terms.parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(x)
+            rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
+            t.progress.update(task, status=f"step {step + 1} {rate:.0f} samples/s")
+            t.after_step(Position("pretrain", epoch, step), batches.steps_per_epoch)
+        means = {k: v / max(seen, 1) for k, v in sums.items()}
+        t.progress.update(task, advance=1)
+        rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
+        log(f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs} {_format(means)} ({rate:.0f} samples/s)")
+        t.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means, "peak_memory_mib": round(peak_memory_mib(), 1)})
+        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.pretrain_epochs:
+            t.checkpoint(Position("pretrain", epoch + 1, 0))
+    if t.accelerator.is_main_process:
+        t.run.write_model_file("pretrain", t.core, t.config, "pretrain", cfg.pretrain_epochs)
+    t.state.position = Position("joint", 0, 0)
+
+
+def _start(t: Training) -> None:
+    """The initial partition of the pretrained codes: its cluster means become the centres μ_y,
+    its sizes q(y) with loss.cluster_prior=init; saved with a checkpoint right away."""
+    cfg, device = t.config.train, t.accelerator.device
+    labels, centres = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp, t.n,
+                                                t.config, t.n_clusters, t.accelerator)
+    with torch.no_grad():
+        t.core.centers.copy_(broadcast(torch.from_numpy(centres).float().to(device)))
+        if t.config.loss.cluster_prior == "init":  # q(y): the partition's proportions
+            proportions = np.bincount(labels, minlength=t.n_clusters) / len(labels)
+            t.core.cluster_prior.copy_(torch.from_numpy(proportions).float().to(device))
+    if t.accelerator.is_main_process:
+        t.run.write_initial_assignments(labels)
+    sync_master_weights(t.optimizer)
+    reset_optimizer_moments(t.optimizer)  # the pretraining moments would mis-scale the joint phase's first steps
+    t.state.start_ready, t.state.start_scores = True, t.score(labels)
+    smoothing = cfg.center_init_smoothing if t.sampler.adjacency is not None else 0
+    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x): {_format(t.state.start_scores)}")
+    t.log_metrics({"phase": "kmeans", "epoch": cfg.pretrain_epochs, **t.state.start_scores,
+                   "peak_memory_mib": round(peak_memory_mib(), 1)})
+    t.checkpoint(Position("joint", 0, 0))
+
+
+def _joint(t: Training, joint_epochs: int) -> dict | None:
+    """Eq. 19 on the sampler's batches; the first head_warmup_epochs train only the GCN. Returns
+    the last epoch's loss terms when its metric line waits for the final inference."""
+    cfg, loss_config, device = t.config.train, t.config.loss, t.accelerator.device
+    at = t.state.position
+    start_labels = None
+    if cfg.head_warmup_target == "start" and at.epoch < cfg.head_warmup_epochs:
+        # the start's partition; a resumed run reads it back from the file the start wrote
+        t.accelerator.wait_for_everyone()  # the main process wrote it
+        start_labels = torch.from_numpy(t.run.read_initial_assignments()).to(device)
+    # The data's cluster marginal, estimated over the steps (see losses.marginal_balance_kl):
+    # starts uniform, saved with the checkpoints so that a resumed run continues it.
+    marginal = torch.tensor(t.state.cluster_marginal or [1.0 / t.n_clusters] * t.n_clusters, device=device)
+    steps_in_epoch = t.sampler.steps_per_epoch
+    task = t.progress.add_task("joint", total=joint_epochs, completed=at.epoch, status="")
+    pending_line = None
+    for epoch in range(at.epoch, joint_epochs):
+        epoch_start = time.time()
+        warm_up = epoch < cfg.head_warmup_epochs
+        _set_learning_rates(t.optimizer, ddecn=0.0 if warm_up else cfg.joint_lr, head=cfg.head_lr)
+        for step, batch in t.sampler.epoch(epoch, at.step if epoch == at.epoch else 0):
+            # Reconstruction and MI on a random subset of the scored nodes (an unbiased estimate).
+            pool = batch.scored if batch.scored is not None else torch.arange(len(batch.ids), device=device)
+            aux_index = pool[torch.randperm(len(pool))[:cfg.joint_aux_batch_size].to(pool.device)]
+            kwargs = {"adjacency": batch.adjacency, "loss_config": loss_config, "loss_index": batch.scored,
+                      "running_marginal": (marginal, batch.share)}
+            if not warm_up:
+                kwargs["aux_index"] = aux_index
+            elif start_labels is not None:  # the scored nodes' clusters in the start
+                kwargs["start_labels"] = start_labels[batch.scored_ids.to(device)]
+            terms, y = t.model("head" if warm_up else "joint", batch.images, **kwargs)
+            t.accelerator.backward(terms.total)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            marginal = _update_marginal(marginal, y if batch.scored is None else y[batch.scored], t)
+            t.state.cluster_marginal = marginal.tolist()
+            t.progress.update(task, status=f"step {step + 1}/{steps_in_epoch} {_format(terms.parts)}")
+            t.after_step(Position("joint", epoch, step), steps_in_epoch)
+        t.progress.update(task, advance=1)
+        last_parts = {**terms.parts, "peak_memory_mib": round(peak_memory_mib(), 1)}
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == joint_epochs
+        # A batch of every node: its Y (computed before this step's update) is epoch `epoch`'s
+        # assignment. Otherwise scoring needs a full-graph inference; the last epoch's is the
+        # final one (so that training's memory peak is measured without it).
+        whole_graph = len(batch.ids) == t.n
+        if due and (whole_graph or epoch + 1 < joint_epochs):
+            if whole_graph:
+                assignments = np.empty(t.n, dtype=np.int64)
+                assignments[batch.ids.numpy()] = y.argmax(1).cpu().numpy()
+            else:
+                assignments = inference.assignments(t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator)
+            scores = t.score(assignments)
+            log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
+                f"({t.n / (time.time() - epoch_start):.0f} samples/s)")
+            t.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores})
+        pending_line = last_parts if due and not whole_graph and epoch + 1 == joint_epochs else None
+        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < joint_epochs:
+            t.checkpoint(Position("joint", epoch + 1, 0))
+    return pending_line
+
+
+def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: float, training_peak: float,
+            manifest: dict) -> dict:
+    """The final assignments (the last epoch's model, no label-based selection), metrics, the
+    final checkpoint and model file."""
+    if joint_epochs > 0:
+        assignments = inference.assignments(t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator)
+    else:  # ConvAE + k-means: the start's partition is the result
+        assignments, _ = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp,
+                                                   t.n, t.config, t.n_clusters, t.accelerator)
+    scores = t.score(assignments)
+    if pending_line is not None:
+        log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(pending_line)} {_format(scores)}")
+        t.log_metrics({"phase": "joint", "epoch": joint_epochs, **pending_line, **scores})
+    # DDP / DeepSpeed keep replicas identical; recorded per rank so that tests and users can see it.
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in t.core.parameters()])
+    digests = gather_object([hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]])
+    result = {
+        **scores,
+        "dataset": manifest["name"],
+        "method": method_name(t.config),
+        "seed": t.config.seed,
+        "n_samples": t.n,
+        "n_clusters": int(t.n_clusters),
+        "n_used_clusters": int(len(np.unique(assignments))),
+        "epoch": joint_epochs,
+        "selection": "final epoch (no label-based selection)",
+        "world_size": t.accelerator.num_processes,
+        "parameter_sha256_per_rank": digests,
+        "seconds": round(time.time() - started, 2),
+        "peak_memory_mib": round(peak_memory_mib(), 1),
+        "training_peak_memory_mib": round(training_peak, 1),
+        "assignments": RunFolder.ASSIGNMENTS,
+    }
+    t.state.done = True
+    t.checkpoint(Position("joint", joint_epochs, 0))
+    if t.accelerator.is_main_process:
+        t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
+        t.run.write_assignments(assignments)
+        t.run.write_metrics(result)
+    log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} "
+        f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")
+    t.accelerator.end_training()
+    return result
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+def _prepare_data(config: Config, accelerator: Accelerator) -> dict:
+    data_dir = Path(config.data_dir)
+    with accelerator.main_process_first():  # rank 0 writes missing shards, the others then read
+        if not (data_dir / "dataset.json").exists():
+            if config.data.source is None:
+                raise ConfigError(
+                    f"data_dir {data_dir} holds no dataset.json; prepare it with "
+                    f"`sddecc prepare SOURCE --out {data_dir}` or set data.source in the config"
+                )
+            if accelerator.is_main_process:
+                prepare_dataset(
+                    config.data.source, data_dir, from_dir=config.data.from_dir, split=config.data.split,
+                    size=config.data.size, samples_per_shard=config.data.samples_per_shard,
+                )
+        return read_manifest(data_dir)
+
+
+def _micro_batch(config: Config, world: int) -> int:
+    train = config.train
+    micro_batch, rest = divmod(train.pretrain_batch_size, world * train.gradient_accumulation_steps)
+    if rest or micro_batch < 2:
+        raise ConfigError(
+            f"train.pretrain_batch_size={train.pretrain_batch_size} is the global batch: it must be "
+            f"a multiple of processes ({world}) x gradient_accumulation_steps "
+            f"({train.gradient_accumulation_steps}) with at least 2 samples per micro-batch"
+        )
+    return micro_batch
+
+
+def _set_aside_previous(run: RunFolder, accelerator: Accelerator) -> None:
+    """A fresh run in a used folder: keep the earlier run's checkpoints in checkpoints.previous/
+    (so --resume cannot mix the two) and start a new log."""
+    if accelerator.is_main_process and run.holds_earlier_run():
+        log(f"[yellow]{run.path} holds an earlier run: starting over, its checkpoints "
+            f"moved to {RunFolder.PREVIOUS_CHECKPOINTS}/ (use --resume to continue a run instead)")
+        run.set_aside_checkpoints()
+    accelerator.wait_for_everyone()
+
+
+def _set_learning_rates(optimizer, **rates: float) -> None:
+    """The learning rate of each named parameter group in the current phase."""
+    for group in optimizer.param_groups:
+        group["lr"] = rates[group["name"]]
+
+
+def _update_marginal(marginal: torch.Tensor, y_scored: torch.Tensor, t: Training) -> torch.Tensor:
+    """Move the running estimate of the cluster marginal by this step's nodes, over all ranks,
+    each node weighing 1/N."""
+    used = sum_over_ranks(t.accelerator, torch.cat([y_scored.sum(0), y_scored.new_tensor([len(y_scored)])]))
+    share = float(used[-1]) / t.n
+    return (1 - share) * marginal + share * used[:-1] / used[-1]
+
+
+def _format(parts: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+

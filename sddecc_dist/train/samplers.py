@@ -1,0 +1,193 @@
+"""What each training step sees: minibatches of images for pretraining, graph batches for the
+joint phase.
+
+A joint sampler yields `GraphBatch`es: a set of nodes with their images, the normalised
+adjacency among them, and which of them this rank scores. The training loop takes whatever it
+is given; how the graph is cut into batches is the sampler's business:
+
+    FullGraphSampler     every step is the whole graph (the paper's and SDCN's setting): every
+                         image in memory on every rank, each rank scoring its own share.
+    ClusterGCNSampler    Cluster-GCN (Chiang et al. 2019): each step is a few METIS partitions
+                         with their induced, renormalised adjacency, streamed from
+                         partition-ordered shards; memory bounded by the batch, not by N.
+
+A new sampler is one class with the same four members (`steps_per_epoch`, `epoch`,
+`node_share`, `state_dict`) and the graph for the start and inference (`adjacency`,
+`adjacency_sp`). Building a sampler runs the stages it needs (graph, partitions): call it
+inside `accelerator.main_process_first()`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import scipy.sparse as sp
+import torch
+from accelerate import Accelerator
+
+from sddecc_dist.config import Config, ConfigError
+from sddecc_dist.data import load_all, read_partitioned_manifest, stream_batches, stream_subgraphs
+from sddecc_dist.data import steps_per_epoch as partition_steps
+from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
+from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path
+from sddecc_dist.train.inference import NodeShare, node_share
+
+
+class PretrainBatches:
+    """Shuffled minibatches of images for DDECN pretraining. One process streams every sample
+    (the last batch partial); several take equal numbers of full batches from their own shards,
+    so that no rank waits in a collective for a batch another rank lacks."""
+
+    def __init__(self, config: Config, manifest: dict, micro_batch: int, rank: int, world_size: int):
+        self.config, self.manifest = config, manifest
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        n = manifest["count"]
+        self.steps = None if world_size == 1 else n // (world_size * micro_batch)
+        self.steps_per_epoch = math.ceil(n / micro_batch) if self.steps is None else self.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(step, images) of `epoch`, from `start_step` on: the same seed gives the same order, so
+        a resumed epoch continues exactly."""
+        batches = stream_batches(self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer,
+                                 seed=self.config.seed * 100003 + epoch, manifest=self.manifest, rank=self.rank,
+                                 world_size=self.world_size, steps=self.steps)
+        for step, (_, images, _) in enumerate(batches):
+            if step >= start_step:
+                yield step, images
+
+
+@dataclass
+class GraphBatch:
+    ids: torch.Tensor  # global ids of the batch's nodes, in row order (CPU)
+    images: torch.Tensor  # (B, C, H, W), on the device
+    adjacency: torch.Tensor | None  # their normalised adjacency (torch CSR, device); None without the GCN
+    scored: torch.Tensor | None  # rows whose loss this rank takes (device); None: every row
+    share: float  # the batch's share of all the data (1.0: the whole graph)
+
+    @property
+    def scored_ids(self) -> torch.Tensor:
+        """Global ids of the scored rows (CPU)."""
+        return self.ids if self.scored is None else self.ids[self.scored.cpu()]
+
+
+class JointSampler(ABC):
+    adjacency: torch.Tensor | None  # Â of the whole graph (device), for the start's smoothing
+    adjacency_sp: sp.csr_matrix | None  # the same as scipy CSR, for inference and the Ward start
+
+    @property
+    @abstractmethod
+    def steps_per_epoch(self) -> int: ...
+
+    @abstractmethod
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, GraphBatch]]:
+        """(step, batch) of `epoch`, from `start_step` on, the same on every resumption."""
+
+    @abstractmethod
+    def node_share(self) -> NodeShare:
+        """This rank's share of the nodes, for the start and full-graph inference."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """What a resumed run must find again (a checkpoint of another sampler is refused)."""
+
+
+def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator) -> JointSampler:
+    if config.train.joint_sampler == "cluster":
+        return ClusterGCNSampler(config, manifest, accelerator)
+    return FullGraphSampler(config, manifest, accelerator)
+
+
+def _check_k(config: Config, n: int) -> None:
+    if config.graph.k >= n:
+        raise ConfigError(f"graph.k={config.graph.k} must be smaller than the number of samples ({n})")
+
+
+class FullGraphSampler(JointSampler):
+    """One step per epoch over the whole graph; every image on every rank (small sets only)."""
+
+    def __init__(self, config: Config, manifest: dict, accelerator: Accelerator):
+        self.config, self.manifest, self.accelerator = config, manifest, accelerator
+        self.n = manifest["count"]
+        self.images, self.labels = load_all(config.data_dir, manifest)
+        self.adjacency = self.adjacency_sp = None
+        if config.model.use_gcn:
+            _check_k(config, self.n)
+            adjacency = ensure_graph(config.data_dir, config.graph.k, self.images, config.graph.use_gpu,
+                                     params=config.graph)
+            self.adjacency_sp = to_scipy_csr(adjacency)
+            self.adjacency = adjacency.to(accelerator.device)
+        self._share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes,
+                                 config.train.inference_batch_size, self.images, self.labels)
+        self._images = None  # on the device, at the first batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return 1
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, GraphBatch]]:
+        if start_step > 0:
+            return
+        if self._images is None:
+            self._images = self.images.to(self.accelerator.device)
+        yield 0, GraphBatch(torch.arange(self.n), self._images, self.adjacency,
+                            scored=self._share.ids.to(self.accelerator.device), share=1.0)
+
+    def node_share(self) -> NodeShare:
+        return self._share
+
+    def state_dict(self) -> dict:
+        return {"sampler": "full", "n": self.n}
+
+
+class ClusterGCNSampler(JointSampler):
+    """Each step the union of `partitions_per_batch` METIS partitions of about `partition_size`
+    nodes, with the adjacency induced on them and renormalised there."""
+
+    def __init__(self, config: Config, manifest: dict, accelerator: Accelerator):
+        if not config.model.use_gcn:
+            raise ConfigError("train.joint_sampler=cluster needs the GCN (model.use_gcn=true)")
+        train = config.train
+        self.config, self.manifest, self.accelerator = config, manifest, accelerator
+        self.n = manifest["count"]
+        _check_k(config, self.n)
+        self.n_parts = max(1, math.ceil(self.n / train.partition_size))
+        adjacency = ensure_graph(config.data_dir, config.graph.k, None, config.graph.use_gpu, params=config.graph)
+        self.part_dir = ensure_partitioned_shards(config.data_dir, config.graph.k, self.n_parts,
+                                                  train.partition_method, train.partitions_per_shard,
+                                                  seed=config.seed)
+        self.adjacency_sp = to_scipy_csr(adjacency)
+        self.adjacency = adjacency.to(accelerator.device)
+        neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k))
+        self.sym_adjacency = symmetric_adjacency(neighbors, self.n)
+        self.part_manifest = read_partitioned_manifest(self.part_dir)
+        self._steps = partition_steps(self.part_manifest, train.partitions_per_batch, accelerator.num_processes)
+        self._share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes,
+                                 train.inference_batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, GraphBatch]]:
+        device = self.accelerator.device
+        batches = stream_subgraphs(self.part_dir, self.config.train.partitions_per_batch, self.config.seed, epoch,
+                                   self.accelerator.process_index, self.accelerator.num_processes,
+                                   manifest=self.part_manifest)
+        for step in range(self._steps):
+            ids, images, _ = next(batches)
+            if step < start_step:  # resuming mid-epoch: the same seed gives the same batches
+                continue
+            yield step, GraphBatch(ids, images.to(device), induced_adjacency(self.sym_adjacency, ids).to(device),
+                                   scored=None, share=len(ids) / self.n)
+
+    def node_share(self) -> NodeShare:
+        return self._share
+
+    def state_dict(self) -> dict:
+        section = self.part_manifest["partitioned"]
+        return {"sampler": "cluster", "n": self.n, "n_parts": self.n_parts,
+                "partitions_per_batch": self.config.train.partitions_per_batch,
+                "partition_fingerprint": section["partition_fingerprint"]}

@@ -92,7 +92,9 @@ class GraphConfig(IndexParams):
 class ModelConfig:
     channels: list[int] = param(factory=lambda: [16, 32], min=1, help="encoder channels per layer (paper Table 2)")
     kernel_sizes: list[int] = param(factory=lambda: [3, 3], min=1, help="encoder kernel size per layer (Table 2)")
-    strides: list[int] = param(factory=lambda: [2, 2], min=1, help="encoder stride per layer (the paper leaves it open)")
+    strides: list[int] | Literal["auto"] = param(
+        factory=lambda: [2, 2], min=1, help="encoder stride per layer (the paper leaves it open); auto: 2 while the "
+                                            "feature map stays at least 4 wide, then 1")
     latent_dim: int = param(10, min=1, help="dimension of the Gaussian code z")
     local_layer: int | None = param(None, min=1, help="encoder layer (1-based) whose feature map C_ij feeds the "
                                                       "local discriminator T2; None: the middle, ceil(L / 2)")
@@ -100,6 +102,10 @@ class ModelConfig:
     local_disc_hidden: int = param(128, min=1, help="T2's hidden width (three 1x1 convs)")
     delta: float = param(0.5, min=0.0, max=1.0, help="transfer operator of Eq. 15")
     use_gcn: bool = param(True, help="False: p(y|z) from a linear head on the code (ablations without GCN)")
+    gcn_features: Literal["flatten", "pooled"] = param(
+        "flatten", help="what each GCN layer takes of its encoder layer (Eq. 15's Z): the flattened feature map "
+                        "(SDCN's and the paper's widths), or the map averaged over its locations (one number per "
+                        "channel: a GCN of the channels' widths, for large maps)")
 
 
 @dataclass
@@ -113,6 +119,10 @@ class LossConfig:
     kl_weight: float = param(1.0, min=0.0, help="lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly")
     prior_kl: bool = param(True, help="pretraining: KL(p(z|x) || N(0, I))")
     cluster_kl: bool = param(True, help="joint phase: Eq. 18; false trains no clustering head (ConvAE + k-means)")
+    eq18_weight: float | None = param(None, min=0.0, paper=None, departure="Eq. 18 weight {}",
+                                      help="Eq. 18's weight in the joint phase when not λ2 (kl_weight, which "
+                                           "then weighs the pretraining's prior KL only); 0 leaves the joint "
+                                           "phase to the other clustering terms")
     balance_weight: float = param(0.0, min=0.0, paper=0.0, departure="balance {}",
                                   help="KL(mean cluster usage || q(y)), the balance the paper asks of q(y)")
     cluster_prior: Literal["uniform", "init"] = param(
@@ -124,14 +134,19 @@ class LossConfig:
     cluster_code_smoothing: int = param(0, min=0, paper=0, departure="Eq. 18 on Â^{} codes",
                                         help="Eq. 18 on the codes smoothed t times over the graph (Â^t mean); "
                                              "0: each node's own code")
+    start_weight: float = param(0.0, min=0.0, paper=0.0, departure="anchored to the start {}",
+                                help="cross-entropy of Y to the start's clusters through the joint phase: the "
+                                     "joint phase refines the start rather than leaving it")
     self_training_weight: float = param(0.0, min=0.0, paper=0.0, departure="self-training {}",
                                         help="KL(P || Y) towards DEC's sharpened target P ∝ Y² / cluster "
                                              "frequency (Xie et al. 2016), P held fixed in each step")
 
     @property
     def cluster_kl_weight(self) -> float:
-        """The weight of Eq. 18 in the joint phase: λ2, or 0 when it is switched off."""
-        return self.kl_weight if self.cluster_kl else 0.0
+        """The weight of Eq. 18 in the joint phase: eq18_weight, by default λ2; 0 when it is off."""
+        if not self.cluster_kl:
+            return 0.0
+        return self.kl_weight if self.eq18_weight is None else self.eq18_weight
 
     @property
     def uses_prior_kl(self) -> bool:
@@ -144,6 +159,17 @@ class TrainConfig:
     pretrain_epochs: int = param(30, min=0, help="minibatch epochs of DDECN pretraining")
     pretrain_batch_size: int = param(256, min=1, help="global batch: split over processes and accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
+    pretrain_augment: Literal["none", "affine"] = param(
+        "none", paper="none", departure="augmented pretraining", joint_only=False,
+        help="affine: each pretraining batch is warped by random affine maps (kornia) before the encoder, "
+             "as DEC-DA and DynAE pretrain")
+    augment_degrees: float = param(10.0, min=0.0, help="affine augmentation: rotation in ± degrees")
+    augment_translate: float = param(0.1, min=0.0, max=0.5, help="affine augmentation: shift in ± this fraction "
+                                                                 "of the image size")
+    augment_scale: float = param(0.1, min=0.0, max=0.9, help="affine augmentation: scale in [1 - s, 1 + s]")
+    augment_target: Literal["clean", "augmented"] = param(
+        "clean", help="what the decoder reconstructs from an augmented input: the clean image (denoising) or "
+                      "the augmented one")
     joint_epochs: int = param(100, min=0, help="joint epochs (full sampler: one step over the whole graph each)")
     joint_lr: float = param(1e-3, min=0.0, help="DDECN and centres in the joint phase")
     head_lr: float = param(1e-2, min=0.0, help="the GCN (or linear head): it starts from random weights and must "
@@ -159,11 +185,14 @@ class TrainConfig:
     kmeans_n_init: int = param(20, min=1, help="k-means restarts of the k-means start")
     center_init_smoothing: int = param(4, min=0, help="the start partitions the codes smoothed t times over the "
                                                       "graph (Â^t Z)")
-    center_init: Literal["kmeans", "ward"] = param(
-        "kmeans", paper="kmeans", departure="Ward start", joint_only=False,
+    center_init: Literal["kmeans", "ward", "umap_gmm"] = param(
+        "kmeans", paper="kmeans", departure="{} start", joint_only=False,
         help="how the smoothed codes are first partitioned (their means are the centres μ_y). kmeans: "
              "seeded, favours equal sizes, any N. ward: Ward's merges along the kNN graph, deterministic, "
-             "sizes as the data has them; for the paper's datasets rather than millions")
+             "sizes as the data has them; for the paper's datasets rather than millions. umap_gmm: N2D's "
+             "start, a full-covariance GMM on a 10-d UMAP embedding of the codes")
+    start_fit_sample: int = param(100_000, min=2, help="umap_gmm: UMAP is fitted on at most this many codes "
+                                                        "(seeded sample), the rest placed by its transform")
     eval_every: int = param(5, min=1, help="joint epochs between metric lines")
     checkpoint_every: int = param(25, min=1, help="epochs (either phase) between periodic checkpoints")
     keep_checkpoints: int = param(2, min=1, help="newest checkpoint folders kept in RUN/checkpoints")
@@ -278,10 +307,11 @@ def validate(config: Config) -> None:
     n_layers = len(model.channels)
     if n_layers == 0:
         raise ConfigError("model.channels must name at least one encoder layer")
-    if not (len(model.kernel_sizes) == len(model.strides) == n_layers):
+    strides = n_layers if model.strides == "auto" else len(model.strides)
+    if not (len(model.kernel_sizes) == strides == n_layers):
         raise ConfigError(
             f"model.channels, model.kernel_sizes and model.strides must have the same length, "
-            f"got {n_layers}, {len(model.kernel_sizes)}, {len(model.strides)}"
+            f"got {n_layers}, {len(model.kernel_sizes)}, {strides}"
         )
     if model.local_layer is not None and model.local_layer > n_layers:
         raise ConfigError(f"model.local_layer={model.local_layer} must be in 1..{n_layers}")

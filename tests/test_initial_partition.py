@@ -49,3 +49,34 @@ def test_bad_method_or_missing_graph_is_named():
         initial_partition(LINE, 2, "spectral")
     with pytest.raises(ValueError, match="ward start merges along the kNN graph"):
         initial_partition(LINE, 2, "ward")
+
+
+def test_umap_gmm_start_recovers_separated_clusters_and_leaves_none_empty():
+    """N2D's start on codes with an obvious answer: five well-separated Gaussian blobs in 6-d.
+    Every blob is one cluster, the centres are the blobs' mean codes, no cluster is empty."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(5), 60)
+    codes = rng.normal(scale=0.3, size=(300, 6)) + 6.0 * rng.normal(size=(5, 6))[truth]
+    labels, centres = initial_partition(codes, 5, "umap_gmm", n_init=3, seed=0)
+    assert _same_partition(labels, [np.flatnonzero(truth == c).tolist() for c in range(5)])
+    np.testing.assert_allclose(centres, np.stack([codes[labels == c].mean(0) for c in range(5)]))
+    # seeded: the same call gives the same partition
+    again, _ = initial_partition(codes, 5, "umap_gmm", n_init=3, seed=0)
+    assert np.array_equal(labels, again)
+    # more components than blobs: every component still names at least one sample
+    labels, _ = initial_partition(codes, 8, "umap_gmm", n_init=1, seed=0)
+    assert np.bincount(labels, minlength=8).min() >= 1
+
+
+def test_umap_embedding_is_fitted_on_a_sample_and_places_the_rest():
+    from sddecc_dist.model.initial_partition import umap_embedding
+
+    rng = np.random.default_rng(1)
+    truth = np.repeat(np.arange(3), 100)
+    codes = rng.normal(scale=0.2, size=(300, 4)) + 5.0 * rng.normal(size=(3, 4))[truth]
+    embedding = umap_embedding(codes, 3, seed=0, fit_sample=120)
+    assert embedding.shape == (300, 4)  # min(10 components, d = 4)
+    # the transformed samples land with their own blob: nearest blob centre in the embedding
+    centres = np.stack([embedding[truth == c].mean(0) for c in range(3)])
+    nearest = ((embedding[:, None] - centres[None]) ** 2).sum(2).argmin(1)
+    assert (nearest == truth).mean() > 0.98

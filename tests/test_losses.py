@@ -255,5 +255,9 @@ def test_every_clustering_term_has_a_config_weight_and_every_weight_a_term():
         assert callable(term)
     used = {weight for weight, _ in losses.CLUSTER_TERMS.values()} | set(losses.DDECN_TERMS.values())
     weights = {f.name for f in dataclasses.fields(LossConfig) if f.name.endswith("_weight")}
-    assert weights <= used | {"kl_weight"}, weights - used  # kl_weight: prior KL and, as cluster_kl_weight, Eq. 18
+    # kl_weight (λ2) weighs the prior KL and, unless eq18_weight is set, Eq. 18 (cluster_kl_weight)
+    assert weights <= used | {"kl_weight", "eq18_weight"}, weights - used
+    assert LossConfig(kl_weight=2.0).cluster_kl_weight == 2.0
+    assert LossConfig(kl_weight=2.0, eq18_weight=0.5).cluster_kl_weight == 0.5
+    assert LossConfig(kl_weight=2.0, eq18_weight=0.5, cluster_kl=False).cluster_kl_weight == 0.0
     assert list(losses.CLUSTER_TERMS)[:3] == ["neighbour", "cluster_kl", "balance"]  # the order they are summed in

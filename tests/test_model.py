@@ -202,3 +202,56 @@ def test_head_warm_up_towards_the_start_is_cross_entropy_and_trains_only_the_hea
     terms.total.backward()
     assert all(p.grad is None for p in model.encoder.parameters()) and model.centers.grad is None
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameter_groups()["head"])
+
+
+def test_auto_strides_keep_a_top_map_of_at_least_four():
+    from sddecc_dist.model.sddecc import auto_strides
+
+    assert auto_strides((1, 28, 28), 3) == [2, 2, 2]  # 14, 7, 4
+    assert auto_strides((1, 16, 16), 3) == [2, 2, 1]  # 8, 4, 4
+    assert auto_strides((1, 8, 8), 3) == [2, 1, 1]  # 4, 4, 4
+    assert auto_strides((3, 64, 64), 4) == [2, 2, 2, 2]  # 32, 16, 8, 4
+    model = SDDECC((1, 16, 16), 10, ModelConfig(channels=[8, 8, 16], kernel_sizes=[3, 3, 3], strides="auto"))
+    assert model.encoder.feature_shapes == [(8, 8, 8), (8, 4, 4), (16, 4, 4)]
+    x = torch.rand(3, 1, 16, 16)
+    assert model.decoder(model.encode(x).mean).shape == x.shape
+
+
+def test_pooled_gcn_features_average_each_feature_map():
+    """model.gcn_features=pooled: Eq. 15's Z is each map averaged over its locations, so the GCN
+    layers are as wide as the encoder's channels."""
+    n = 12
+    neighbors = np.array([[(i + 1) % n, (i + 2) % n] for i in range(n)])
+    adjacency = normalized_adjacency(neighbors, n)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features="pooled"))
+    assert [layer.out_features for layer in model.gcn.hidden] == [4, 8, 3]
+    x = torch.rand(n, 1, 8, 8)
+    encoded = model.encode(x)
+    z = model.gcn_representations(encoded)
+    assert torch.allclose(z[0], encoded.features[0].mean((2, 3))) and z[-1] is encoded.mean
+    assert model.cluster_probabilities(x, encoded, adjacency).shape == (n, 3)
+
+
+def test_pretraining_reconstructs_the_given_target():
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    cfg = LossConfig(mi_weight=0.0, prior_kl=False)
+    x, target = torch.rand(5, 1, 8, 8), torch.zeros(5, 1, 8, 8)
+    terms = model("pretrain", x, loss_config=cfg, target=target)
+    x_hat = model.decoder(model.encode(x).mean)
+    assert terms.parts["recon"] == pytest.approx(0.5 * x_hat.pow(2).flatten(1).sum(1).mean().item(), rel=1e-5)
+
+
+def test_the_start_term_is_the_cross_entropy_to_the_start():
+    n = 20
+    adjacency, model, x = _small_graph_model(n)
+    cfg = LossConfig(mi_weight=0.0, start_weight=2.0)
+    index = torch.tensor([1, 4, 6, 9, 15])
+    start = torch.tensor([0, 2, 2, 1, 0])
+    terms, y = model("joint", x, adjacency=adjacency, aux_index=torch.arange(5), loss_config=cfg, loss_index=index,
+                     start_labels=start)
+    expected = -np.mean([math.log(y[i, c].item()) for i, c in zip(index.tolist(), start.tolist())])
+    assert terms.parts["start"] == pytest.approx(expected, rel=1e-5)
+    p = terms.parts
+    assert terms.total.item() == pytest.approx(p["recon"] + p["cluster_kl"] + 2.0 * p["start"], rel=1e-5)
+    with pytest.raises(ValueError, match="start's labels"):
+        model("joint", x, adjacency=adjacency, aux_index=torch.arange(5), loss_config=cfg)

@@ -291,10 +291,10 @@ def test_additions_to_the_paper_method_split_groups_and_are_named(tmp_path):
     # a Ward start is the result without a joint phase too; q(y) only matters with one
     ward = load_run(make_run(tmp_path / "ward", loss_extra={"cluster_prior": "init"},
                              train={"center_init": "ward", "head_warmup_target": "start"}))
-    assert ward.additions == "q(y) from the start, head warm-up on the start, Ward start"
+    assert ward.additions == "q(y) from the start, head warm-up on the start, ward start"
     ward_kmeans = load_run(make_run(tmp_path / "ward-kmeans", method="ConvAE+K-means",
                                     loss_extra={"cluster_prior": "init", "cluster_kl": False},
                                     train={"center_init": "ward", "head_warmup_target": "start"}))
-    assert ward_kmeans.additions == "Ward start"
+    assert ward_kmeans.additions == "ward start"
     with pytest.raises(ReportError, match=r"config.yaml: 'loss.neighbour_weight' must be of type float, got 'high'"):
         load_run(make_run(tmp_path / "bad", loss_extra={"neighbour_weight": "high"}))

@@ -40,6 +40,13 @@ def test_run_folder_holds_every_artifact(digits_run):
     assert assignments.shape == (1797,) and assignments.min() >= 0 and assignments.max() < 10
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {line["phase"] for line in lines} == {"pretrain", "kmeans", "joint"}
+    # label-free health on every scored line and at the end (eval/health.py)
+    for line in lines:
+        if line["phase"] != "pretrain":
+            assert {"clusters_used", "size_min", "size_max", "size_entropy", "silhouette"} <= line.keys(), line
+    assert all("start_agreement" in line for line in lines if line["phase"] == "joint")
+    assert metrics["health"]["clusters_used"] == metrics["n_used_clusters"] == 10
+    assert metrics["warnings"] == [] and metrics["peak_rss_mib"] > 0
     # the final metrics are the last epoch's assignments, scored again from the file
     from sddecc_dist.eval.metrics import clustering_scores
     from sklearn.datasets import load_digits

@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import umap
 from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.mixture import GaussianMixture
+
+# N2D's manifold (McConville et al. 2020): UMAP to this many dimensions, this many neighbours
+# (fewer when a cluster of N/K samples has fewer), min_dist 0 (tight clusters for the GMM).
+UMAP_COMPONENTS = 10
+UMAP_NEIGHBOURS = 20
 
 
 def initial_partition(
     codes: np.ndarray, n_clusters: int, method: str, *, graph: sp.spmatrix | None = None,
-    n_init: int = 20, seed: int = 0,
+    n_init: int = 20, seed: int = 0, fit_sample: int = 100_000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), centres (K, d) = each cluster's mean code) of `codes` (N, d).
 
     kmeans: seeded, `n_init` restarts. ward: Ward's agglomerative clustering, deterministic,
     allowed to merge two clusters only where `graph` (the kNN adjacency, any values) has an
     edge between them: sparse, so no N x N distance matrix; sklearn joins disconnected
-    components itself, with a warning."""
+    components itself, with a warning. umap_gmm: N2D's start, a full-covariance Gaussian
+    mixture (`n_init` starts, the best likelihood kept) on a UMAP embedding of the codes; UMAP
+    is fitted on at most `fit_sample` codes (seeded) and the others are placed by its transform."""
+    if method == "umap_gmm":
+        return _umap_gmm(codes, n_clusters, n_init, seed, fit_sample)
     if method == "kmeans":
         kmeans = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(codes)
         return kmeans.labels_, kmeans.cluster_centers_
@@ -29,4 +40,32 @@ def initial_partition(
             raise ValueError("the ward start merges along the kNN graph: pass graph=")
         labels = AgglomerativeClustering(n_clusters, linkage="ward", connectivity=graph).fit(codes).labels_
         return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
-    raise ValueError(f"unknown initial partition {method!r}: expected 'kmeans' or 'ward'")
+    raise ValueError(f"unknown initial partition {method!r}: expected 'kmeans', 'ward' or 'umap_gmm'")
+
+
+def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: int = 100_000) -> np.ndarray:
+    """N2D's UMAP embedding of `codes` (N, d): 10 dimensions (at most d), min_dist 0,
+    20 neighbours or N/K when fewer (a cluster must be able to hold a neighbourhood)."""
+    n = len(codes)
+    neighbours = int(min(UMAP_NEIGHBOURS, max(2, n // n_clusters), n - 1))
+    reducer = umap.UMAP(n_components=min(UMAP_COMPONENTS, codes.shape[1]), n_neighbors=neighbours, min_dist=0.0,
+                        random_state=seed, n_jobs=1)
+    if n <= fit_sample:
+        return reducer.fit_transform(codes)
+    fitted = np.sort(np.random.default_rng(seed).choice(n, size=fit_sample, replace=False))
+    reducer.fit(codes[fitted])
+    return reducer.transform(codes)
+
+
+def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    embedding = umap_embedding(codes, n_clusters, seed, fit_sample)
+    mixture = GaussianMixture(n_clusters, covariance_type="full", n_init=n_init, random_state=seed,
+                              reg_covar=1e-5).fit(embedding)
+    responsibilities = mixture.predict_proba(embedding)
+    labels = responsibilities.argmax(1)
+    # A component that wins no sample still names a cluster: give it its most likely sample.
+    for empty in np.flatnonzero(np.bincount(labels, minlength=n_clusters) == 0):
+        candidates = np.flatnonzero(np.bincount(labels, minlength=n_clusters)[labels] > 1)
+        labels[candidates[responsibilities[candidates, empty].argmax()]] = empty
+    return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])

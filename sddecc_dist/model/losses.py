@@ -118,13 +118,16 @@ def neighbour_consistency(y: torch.Tensor, adjacency: torch.Tensor, rows: torch.
     return -torch.log((y[src] * y[dst]).sum(1).clamp_min(1e-12)).mean()
 
 
-def self_training_kl(y: torch.Tensor) -> torch.Tensor:
+def self_training_kl(y: torch.Tensor, frequency: torch.Tensor | None = None) -> torch.Tensor:
     """DEC's self-training term (Xie et al. 2016): KL(P || Y), averaged over samples, towards
     the sharpened target P_ij = (Y_ij² / f_j) / Σ_j' (Y_ij'² / f_j'), f_j = Σ_i Y_ij the soft
     cluster frequency. P is a fixed target (no gradient): confident assignments pull the rest,
-    and dividing by f keeps large clusters from absorbing the others."""
+    and dividing by f keeps large clusters from absorbing the others. `frequency`: the data's
+    cluster marginal when `y` is a minibatch (any scale; a graph partition's own frequencies
+    would push its samples out of the clusters it holds)."""
     with torch.no_grad():
-        weight = y.pow(2) / y.sum(0).clamp_min(1e-12)
+        frequency = y.sum(0) if frequency is None else frequency.detach()
+        weight = y.pow(2) / frequency.clamp_min(1e-12)
         target = weight / weight.sum(1, keepdim=True)
     return (target * (torch.log(target.clamp_min(1e-12)) - torch.log(y.clamp_min(1e-12)))).sum(1).mean()
 
@@ -146,6 +149,7 @@ class ClusterBatch:
     prior: torch.Tensor | None  # q(y); None: the paper's uniform
     running_marginal: torch.Tensor | None  # estimate of the data's cluster marginal (minibatches)
     batch_share: float  # the batch's share of the data
+    start_labels: torch.Tensor | None = None  # the start's cluster of each scored row
 
     def _pick(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.scored is None else rows[self.scored]
@@ -225,6 +229,17 @@ def _balance(batch: ClusterBatch) -> torch.Tensor:
     return marginal_balance_kl(batch.y_scored, batch.running_marginal, batch.batch_share, prior=batch.prior)
 
 
+@cluster_term("start", weight="start_weight")
+def _start(batch: ClusterBatch) -> torch.Tensor:
+    if batch.start_labels is None:
+        raise ValueError("loss.start_weight > 0 needs the start's labels of the scored rows")
+    return -torch.log(batch.y_scored.gather(1, batch.start_labels[:, None]).clamp_min(1e-12)).mean()
+
+
 @cluster_term("self_training", weight="self_training_weight")
 def _self_training(batch: ClusterBatch) -> torch.Tensor:
-    return self_training_kl(batch.y_scored)
+    frequency = None
+    if batch.running_marginal is not None and batch.batch_share < 1.0:
+        share = batch.batch_share
+        frequency = (1 - share) * batch.running_marginal + share * batch.y_scored.mean(0)
+    return self_training_kl(batch.y_scored, frequency)

@@ -37,16 +37,18 @@ class SDDECC(nn.Module):
         self.image_shape = tuple(image_shape)
         self.n_clusters = n_clusters
         d = config.latent_dim
-        self.encoder = ConvEncoder(image_shape, config.channels, config.kernel_sizes, config.strides, d)
+        strides = auto_strides(image_shape, len(config.channels)) if config.strides == "auto" else config.strides
+        self.encoder = ConvEncoder(image_shape, config.channels, config.kernel_sizes, strides, d)
         shapes = self.encoder.feature_shapes
-        self.decoder = ConvDecoder(image_shape, shapes, config.kernel_sizes, config.strides, d)
+        self.decoder = ConvDecoder(image_shape, shapes, config.kernel_sizes, strides, d)
         n_layers = len(shapes)
         self.local_layer = (config.local_layer or math.ceil(n_layers / 2)) - 1  # 0-based
         self.global_disc = GlobalDiscriminator(math.prod(shapes[-1]), d, config.global_disc_hidden)
         self.local_disc = LocalDiscriminator(shapes[self.local_layer][0], d, config.local_disc_hidden)
         self.use_gcn = config.use_gcn
+        self.pooled_gcn_features = config.gcn_features == "pooled"
         if config.use_gcn:
-            dims = [math.prod(s) for s in shapes] + [d]
+            dims = [s[0] if self.pooled_gcn_features else math.prod(s) for s in shapes] + [d]
             self.gcn = GCN(math.prod(image_shape), dims, n_clusters, config.delta)
         else:
             # Ablations without structure: p(y|z) from a linear softmax head on the code.
@@ -92,21 +94,24 @@ class SDDECC(nn.Module):
             raise ValueError("the GCN needs the normalised adjacency of the samples it is given")
         return self.gcn(x.flatten(1), self.gcn_representations(encoded), adjacency)
 
-    @staticmethod
-    def gcn_representations(encoded: EncoderOutput) -> list[torch.Tensor]:
-        """Z^(1..L+1) for the GCN: each flattened encoder feature map, then the code mean."""
+    def gcn_representations(self, encoded: EncoderOutput) -> list[torch.Tensor]:
+        """Z^(1..L+1) for the GCN: each encoder feature map (flattened, or averaged over its
+        locations with model.gcn_features=pooled), then the code mean."""
+        if self.pooled_gcn_features:
+            return [f.mean((2, 3)) for f in encoded.features] + [encoded.mean]
         return [f.flatten(1) for f in encoded.features] + [encoded.mean]
 
     def ddecn_losses(
-        self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig
+        self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig, target: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Reconstruction and the two JSD MI terms of Eq. 12 on a minibatch (unweighted)."""
+        """Reconstruction (of `target`, by default `x` itself) and the two JSD MI terms of
+        Eq. 12 on a minibatch (unweighted)."""
         # Without the prior KL nothing fixes the log-variance's scale: sampling through a free
         # log-variance lets it drift up until the decoder sees only noise and saturates (MNIST's
         # AE+K-means: mean log-variance 41.7 after 2 epochs, reconstruction frozen). Such a model
         # is a plain autoencoder, as the paper's ConvAE and AE baselines are: decode the mean.
         z = reparameterize(encoded.mean, encoded.logvar) if loss_config.uses_prior_kl else encoded.mean
-        terms = {"recon": losses.reconstruction_loss(x, self.decoder(z))}
+        terms = {"recon": losses.reconstruction_loss(x if target is None else target, self.decoder(z))}
         if loss_config.mi_weight > 0 and loss_config.global_mi:
             top = encoded.features[-1]
             positive = self.global_disc(top, z)
@@ -131,10 +136,11 @@ class SDDECC(nn.Module):
             return self.head_loss(x, **kwargs)
         raise ValueError(f"unknown phase {phase!r}: expected 'pretrain', 'head' or 'joint'")
 
-    def pretrain_loss(self, x: torch.Tensor, loss_config: LossConfig) -> LossTerms:
-        """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL."""
+    def pretrain_loss(self, x: torch.Tensor, loss_config: LossConfig, target: torch.Tensor | None = None) -> LossTerms:
+        """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL. `target`:
+        what the decoder reconstructs, when not `x` itself (an augmented `x` with a clean target)."""
         encoded = self.encode(x)
-        terms = self.ddecn_losses(x, encoded, loss_config)
+        terms = self.ddecn_losses(x, encoded, loss_config, target)
         if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
         return self._weighted(terms, loss_config)
@@ -147,16 +153,18 @@ class SDDECC(nn.Module):
         loss_config: LossConfig,
         loss_index: torch.Tensor | None = None,
         running_marginal: tuple[torch.Tensor, float] | None = None,
+        start_labels: torch.Tensor | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Eq. 19 on a graph batch: the clustering KL over the nodes `loss_index` of `x` (all
         when None), reconstruction and MI on the nodes `aux_index` (a random subset: an
         unbiased estimate that keeps the decoder and discriminators off the full batch).
-        Every node of `x` goes through the encoder and GCN. Returns the terms and Y (detached)."""
+        Every node of `x` goes through the encoder and GCN. `start_labels`: the start's cluster
+        of each scored node, for the start term. Returns the terms and Y (detached)."""
         encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
         terms.update(self._cluster_terms(encoded, y, self.centers, self._prior(loss_config), loss_config,
-                                         loss_index, running_marginal, adjacency))
+                                         loss_index, running_marginal, adjacency, start_labels))
         return self._weighted(terms, loss_config), y.detach()
 
     def head_loss(
@@ -198,6 +206,7 @@ class SDDECC(nn.Module):
         loss_index: torch.Tensor | None,
         running_marginal: tuple[torch.Tensor, float] | None,
         adjacency: torch.Tensor | None = None,
+        start_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The clustering terms (losses.CLUSTER_TERMS: Eq. 18 and the additions whose weight is
         on) over the nodes `loss_index`. `running_marginal`: (estimate of the data's cluster
@@ -210,13 +219,24 @@ class SDDECC(nn.Module):
         marginal, share = running_marginal or (None, 1.0)
         batch = losses.ClusterBatch(y=y, adjacency=adjacency, scored=loss_index, codes=codes,
                                     codes_logvar=encoded.logvar, centers=centers, prior=prior,
-                                    running_marginal=marginal, batch_share=share)
+                                    running_marginal=marginal, batch_share=share, start_labels=start_labels)
         return losses.cluster_terms(batch, loss_config)
 
     @staticmethod
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:
         total = losses.weighted_total(terms, loss_config)
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})
+
+
+def auto_strides(image_shape: tuple[int, int, int], n_layers: int, min_top: int = 4) -> list[int]:
+    """Stride 2 while the feature map stays at least `min_top` wide, then 1: the top map keeps
+    spatial detail whatever the image size (28 -> 14, 7, 4; 16 -> 8, 4, 4; 8 -> 4, 4, 4)."""
+    size, strides = min(image_shape[1:]), []
+    for _ in range(n_layers):
+        halved = (size + 1) // 2
+        strides.append(2 if halved >= min_top else 1)
+        size = halved if halved >= min_top else size
+    return strides
 
 
 def _rows(encoded: EncoderOutput, index: torch.Tensor) -> EncoderOutput:

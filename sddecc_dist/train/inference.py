@@ -126,4 +126,5 @@ def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | No
     if steps:
         codes = smooth(adjacency, codes.to(accelerator.device), steps).cpu()
     return initial_partition(codes.numpy(), n_clusters, config.train.center_init, graph=adjacency_sp,
-                             n_init=config.train.kmeans_n_init, seed=config.seed)
+                             n_init=config.train.kmeans_n_init, seed=config.seed,
+                             fit_sample=config.train.start_fit_sample)

@@ -29,6 +29,7 @@ from rich.progress import Progress
 
 from sddecc_dist.config import Config, ConfigError, method_name
 from sddecc_dist.data import read_manifest
+from sddecc_dist.eval.health import cluster_health, degenerate_warnings
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import prepare_dataset
@@ -87,6 +88,11 @@ class Training:
 
     def score(self, assignments: np.ndarray) -> dict:
         return clustering_scores(self.labels, assignments) if self.labels is not None else {}
+
+    def health(self, assignments: np.ndarray, start: np.ndarray | None) -> dict:
+        """Label-free figures of an assignment (eval/health.py), on every rank alike."""
+        codes = inference.mean_codes(self.core, self.share, self.n, self.accelerator).numpy()
+        return cluster_health(assignments, self.n_clusters, start=start, codes=codes, seed=self.config.seed)
 
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -160,7 +166,7 @@ def train(config: Config) -> dict:
                      n, n_clusters, progress, stop)
         # 4. pretraining
         if state.position.phase == "pretrain":
-            _pretrain(t, PretrainBatches(config, manifest, micro_batch, rank, world))
+            _pretrain(t, PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device))
         elif config.train.init_from and accelerator.is_main_process:  # keep the stage's artifact in this run
             shutil.copyfile(config.train.init_from, run.model_file("pretrain"))
         # 5. the start: centres (and q(y)) from the initial partition of the pretrained codes, once
@@ -178,16 +184,15 @@ def train(config: Config) -> dict:
 
 def _pretrain(t: Training, batches: PretrainBatches) -> None:
     """DDECN on minibatches: Eq. 12 + 13 (reconstruction, λ1 · MI, λ2 · prior KL)."""
-    cfg, at, device = t.config.train, t.state.position, t.accelerator.device
+    cfg, at = t.config.train, t.state.position
     task = t.progress.add_task("pretrain", total=cfg.pretrain_epochs, completed=at.epoch, status="")
     for epoch in range(at.epoch, cfg.pretrain_epochs):
         epoch_start, sums, seen = time.time(), {}, 0
         _set_learning_rates(t.optimizer, ddecn=cfg.pretrain_lr, head=0.0)
-        for step, x in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
-            x = x.to(device)
+        for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
             with t.accelerator.accumulate(t.model):
                 # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
-                terms = t.model("pretrain", x, loss_config=t.config.loss)
+                terms = t.model("pretrain", x, loss_config=t.config.loss, target=target)
                 t.accelerator.backward(terms.total)
                 t.optimizer.step()
                 t.optimizer.zero_grad(set_to_none=True)
@@ -226,8 +231,10 @@ def _start(t: Training) -> None:
     reset_optimizer_moments(t.optimizer)  # the pretraining moments would mis-scale the joint phase's first steps
     t.state.start_ready, t.state.start_scores = True, t.score(labels)
     smoothing = cfg.center_init_smoothing if t.sampler.adjacency is not None else 0
-    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x): {_format(t.state.start_scores)}")
-    t.log_metrics({"phase": "kmeans", "epoch": cfg.pretrain_epochs, **t.state.start_scores,
+    health = t.health(labels, None)
+    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x): {_format(t.state.start_scores)} "
+        f"{_format(health)}")
+    t.log_metrics({"phase": "kmeans", "epoch": cfg.pretrain_epochs, **t.state.start_scores, **health,
                    "peak_memory_mib": round(peak_memory_mib(), 1)})
     t.checkpoint(Position("joint", 0, 0))
 
@@ -237,11 +244,10 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
     the last epoch's loss terms when its metric line waits for the final inference."""
     cfg, loss_config, device = t.config.train, t.config.loss, t.accelerator.device
     at = t.state.position
-    start_labels = None
-    if cfg.head_warmup_target == "start" and at.epoch < cfg.head_warmup_epochs:
-        # the start's partition; a resumed run reads it back from the file the start wrote
-        t.accelerator.wait_for_everyone()  # the main process wrote it
-        start_labels = torch.from_numpy(t.run.read_initial_assignments()).to(device)
+    # the start's partition; a resumed run reads it back from the file the start wrote
+    t.accelerator.wait_for_everyone()  # the main process wrote it
+    start = t.run.read_initial_assignments() if joint_epochs > 0 else None
+    start_labels = torch.from_numpy(start).to(device) if start is not None else None
     # The data's cluster marginal, estimated over the steps (see losses.marginal_balance_kl):
     # starts uniform, saved with the checkpoints so that a resumed run continues it.
     marginal = torch.tensor(t.state.cluster_marginal or [1.0 / t.n_clusters] * t.n_clusters, device=device)
@@ -260,7 +266,9 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
                       "running_marginal": (marginal, batch.share)}
             if not warm_up:
                 kwargs["aux_index"] = aux_index
-            elif start_labels is not None:  # the scored nodes' clusters in the start
+            # The scored nodes' clusters in the start: the warm-up's target (head_warmup_target=start),
+            # the joint phase's start term.
+            if not warm_up or cfg.head_warmup_target == "start":
                 kwargs["start_labels"] = start_labels[batch.scored_ids.to(device)]
             terms, y = t.model("head" if warm_up else "joint", batch.images, **kwargs)
             t.accelerator.backward(terms.total)
@@ -283,10 +291,10 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
                 assignments[batch.ids.numpy()] = y.argmax(1).cpu().numpy()
             else:
                 assignments = inference.assignments(t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator)
-            scores = t.score(assignments)
+            scores, health = t.score(assignments), t.health(assignments, start)
             log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
-                f"({t.n / (time.time() - epoch_start):.0f} samples/s)")
-            t.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores})
+                f"{_format(health)} ({t.n / (time.time() - epoch_start):.0f} samples/s)")
+            t.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores, **health})
         pending_line = last_parts if due and not whole_graph and epoch + 1 == joint_epochs else None
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < joint_epochs:
             t.checkpoint(Position("joint", epoch + 1, 0))
@@ -303,9 +311,12 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         assignments, _ = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp,
                                                    t.n, t.config, t.n_clusters, t.accelerator)
     scores = t.score(assignments)
+    start = t.run.read_initial_assignments() if joint_epochs > 0 else None
+    health = t.health(assignments, start)
+    warnings = degenerate_warnings(health, t.n_clusters)
     if pending_line is not None:
-        log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(pending_line)} {_format(scores)}")
-        t.log_metrics({"phase": "joint", "epoch": joint_epochs, **pending_line, **scores})
+        log(f"joint epoch {joint_epochs}/{joint_epochs} {_format(pending_line)} {_format(scores)} {_format(health)}")
+        t.log_metrics({"phase": "joint", "epoch": joint_epochs, **pending_line, **scores, **health})
     # DDP / DeepSpeed keep replicas identical; recorded per rank so that tests and users can see it.
     flat = torch.cat([p.detach().float().flatten().cpu() for p in t.core.parameters()])
     digests = gather_object([hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]])
@@ -317,12 +328,15 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         "n_samples": t.n,
         "n_clusters": int(t.n_clusters),
         "n_used_clusters": int(len(np.unique(assignments))),
+        "health": health,
+        "warnings": warnings,
         "epoch": joint_epochs,
         "selection": "final epoch (no label-based selection)",
         "world_size": t.accelerator.num_processes,
         "parameter_sha256_per_rank": digests,
         "seconds": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
+        "peak_rss_mib": round(peak_memory_mib(), 1),
         "training_peak_memory_mib": round(training_peak, 1),
         "assignments": RunFolder.ASSIGNMENTS,
     }
@@ -332,8 +346,11 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
         t.run.write_assignments(assignments)
         t.run.write_metrics(result)
-    log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} "
+    log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")
+    for warning in warnings:
+        log(f"[bold yellow]warning: degenerate result: {warning} ({RunFolder.METRICS} 'warnings'); do not trust "
+            f"these clusters without a look")
     t.accelerator.end_training()
     return result
 
@@ -393,6 +410,6 @@ def _update_marginal(marginal: torch.Tensor, y_scored: torch.Tensor, t: Training
     return (1 - share) * marginal + share * used[:-1] / used[-1]
 
 
-def _format(parts: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+def _format(parts: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items())
 

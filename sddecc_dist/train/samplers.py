@@ -30,6 +30,7 @@ from accelerate import Accelerator
 
 from sddecc_dist.config import Config, ConfigError
 from sddecc_dist.data import load_all, read_partitioned_manifest, stream_batches, stream_subgraphs
+from sddecc_dist.data.augment import RandomAffineAugment
 from sddecc_dist.data import steps_per_epoch as partition_steps
 from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path
@@ -39,24 +40,37 @@ from sddecc_dist.train.inference import NodeShare, node_share
 class PretrainBatches:
     """Shuffled minibatches of images for DDECN pretraining. One process streams every sample
     (the last batch partial); several take equal numbers of full batches from their own shards,
-    so that no rank waits in a collective for a batch another rank lacks."""
+    so that no rank waits in a collective for a batch another rank lacks. With
+    train.pretrain_augment=affine the encoder sees randomly warped images."""
 
-    def __init__(self, config: Config, manifest: dict, micro_batch: int, rank: int, world_size: int):
-        self.config, self.manifest = config, manifest
+    def __init__(self, config: Config, manifest: dict, micro_batch: int, rank: int, world_size: int,
+                 device: torch.device):
+        self.config, self.manifest, self.device = config, manifest, device
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         n = manifest["count"]
         self.steps = None if world_size == 1 else n // (world_size * micro_batch)
         self.steps_per_epoch = math.ceil(n / micro_batch) if self.steps is None else self.steps
+        train = config.train
+        self.augment = None
+        if train.pretrain_augment == "affine":
+            self.augment = RandomAffineAugment(train.augment_degrees, train.augment_translate, train.augment_scale)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-        """(step, images) of `epoch`, from `start_step` on: the same seed gives the same order, so
-        a resumed epoch continues exactly."""
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(step, encoder input, reconstruction target or None for the input itself) of `epoch`,
+        on the device, from `start_step` on: the same seed gives the same order, so a resumed
+        epoch continues exactly."""
         batches = stream_batches(self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer,
                                  seed=self.config.seed * 100003 + epoch, manifest=self.manifest, rank=self.rank,
                                  world_size=self.world_size, steps=self.steps)
         for step, (_, images, _) in enumerate(batches):
-            if step >= start_step:
-                yield step, images
+            if step < start_step:
+                continue
+            images = images.to(self.device)
+            if self.augment is None:
+                yield step, images, None
+                continue
+            warped = self.augment(images)
+            yield step, warped, images if self.config.train.augment_target == "clean" else None
 
 
 @dataclass

@@ -1,0 +1,241 @@
+"""The generality suite: the default recipe on image sets nobody tuned it for, beside two
+baselines that need no training (issue 23).
+
+    python scripts/generality.py --out runs/generality                      # every set, seeds 0 1 2
+    python scripts/generality.py --out runs/generality --sets digits k40 --seeds 0
+
+Each set is derived, seeded, from what is at hand (scikit-learn's digits, and USPS, MNIST and
+Fashion-MNIST from --from, default ../shared/datasets) and written as DIR/sets/NAME.npz, then
+prepared as shards. On each set it runs `configs/default.yaml` (only image size, channels and
+K come from the data: no per-set override) and, beside it, k-means on the raw pixels and
+N2D's UMAP + GMM on the raw pixels (10 dimensions, 20 neighbours or N/K if fewer, min_dist 0,
+a full-covariance GMM). Results: DIR/generality.json and DIR/generality.md (rows = sets).
+Everything already computed is kept, so an interrupted suite continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+from sddecc_dist.data import load_all, load_source  # noqa: E402
+from sddecc_dist.eval.health import cluster_health  # noqa: E402
+from sddecc_dist.eval.metrics import clustering_scores  # noqa: E402
+from sddecc_dist.model.initial_partition import umap_embedding  # noqa: E402
+from sddecc_dist.pipeline import prepare_dataset  # noqa: E402
+from sddecc_dist.run_folder import RunFolder  # noqa: E402
+from sddecc_dist.utils import atomic_write_json, atomic_write_text, console  # noqa: E402
+
+
+# ---- the sets ------------------------------------------------------------------------------
+
+def _raw(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, C, H, W) float32 in [0, 1] and labels of a built-in set."""
+    raw = load_source(name, from_dir=None if name == "digits" else from_dir / name)
+    lo, hi = raw.value_range
+    return ((raw.images.astype(np.float32) - lo) / (hi - lo)), raw.labels.astype(np.int64)
+
+
+def _subset(x, y, n, seed):
+    keep = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
+    return x[keep], y[keep]
+
+
+def _per_class(x, y, classes, n_each, seed):
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.choice(np.flatnonzero(y == c), size=n_each, replace=False) for c in classes])
+    return x[keep], y[keep]
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(img[0]).resize((size, size), Image.BILINEAR))[None]
+                     for img in x]).astype(np.float32)
+
+
+def build_set(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one set of the suite (seeded: the same arrays every time)."""
+    if name == "digits":
+        return _raw("digits", from_dir)
+    if name in ("usps", "usps-2000", "usps-k2"):
+        x, y = _raw("usps", from_dir)
+        if name == "usps-2000":
+            return _subset(x, y, 2000, seed=1)
+        if name == "usps-k2":  # two digit classes, relabelled 0 and 1
+            keep = np.isin(y, [3, 8])
+            return x[keep], (y[keep] == 8).astype(np.int64)
+        return x, y
+    if name in ("mnist-5000", "fmnist-5000"):
+        return _subset(*_raw("mnist" if name.startswith("mnist") else "fashion-mnist", from_dir), 5000, seed=2)
+    if name == "mnist+fmnist":  # one set of K = 20: digits 0-9 and garments 10-19
+        xm, ym = _per_class(*_raw("mnist", from_dir), range(10), 250, seed=3)
+        xf, yf = _per_class(*_raw("fashion-mnist", from_dir), range(10), 250, seed=3)
+        return np.concatenate([xm, xf]), np.concatenate([ym, yf + 10])
+    if name == "k40":  # 10 images of each of 40 classes: digits and garments, upright and turned 90°
+        xm, ym = _per_class(*_raw("mnist", from_dir), range(10), 20, seed=4)
+        xf, yf = _per_class(*_raw("fashion-mnist", from_dir), range(10), 20, seed=4)
+        parts = []
+        for offset, (x, y) in enumerate(((xm, ym), (xf, yf))):
+            upright = np.concatenate([np.flatnonzero(y == c)[:10] for c in range(10)])
+            turned = np.concatenate([np.flatnonzero(y == c)[10:] for c in range(10)])
+            parts.append((x[upright], y[upright] + 20 * offset))
+            parts.append((np.rot90(x[turned], 1, axes=(2, 3)).copy(), y[turned] + 20 * offset + 10))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if name in ("mnist-32px", "mnist-64px"):
+        x, y = _subset(*_raw("mnist", from_dir), 2000, seed=5)
+        return _resize(x, int(name.split("-")[1][:-2])), y
+    if name == "mnist-rgb":  # digits in a random colour on a random background, colours not tied to the class
+        x, y = _subset(*_raw("mnist", from_dir), 2000, seed=6)
+        rng = np.random.default_rng(6)
+        ink, paper = rng.random((len(x), 3, 1, 1)), rng.random((len(x), 3, 1, 1))
+        return (x * ink + (1 - x) * paper).astype(np.float32), y
+    if name == "mnist-imbalanced":  # class c has 100 + 400 c / 9 images: the largest 5x the smallest
+        x, y = _raw("mnist", from_dir)
+        rng = np.random.default_rng(7)
+        keep = np.concatenate([rng.choice(np.flatnonzero(y == c), size=100 + round(400 * c / 9), replace=False)
+                               for c in range(10)])
+        return x[np.sort(keep)], y[np.sort(keep)]
+    raise SystemExit(f"unknown set {name!r}; sets: {', '.join(SETS)}")
+
+
+SETS = ["digits", "usps", "usps-2000", "usps-k2", "mnist-5000", "fmnist-5000", "mnist+fmnist", "k40",
+        "mnist-32px", "mnist-64px", "mnist-rgb", "mnist-imbalanced"]
+FAST = ["digits", "usps-2000", "k40"]  # the part CI runs (tests/test_generality.py)
+
+
+# ---- one row ------------------------------------------------------------------------------
+
+def baselines(data_dir: Path, seed: int) -> dict:
+    """k-means (10 starts) and UMAP + GMM (10 starts) on the raw pixels, as the recipe reads them."""
+    images, labels = load_all(data_dir)
+    x, y = images.flatten(1).numpy(), labels.numpy()
+    k = len(np.unique(y))
+    started = time.time()
+    kmeans = KMeans(k, n_init=10, random_state=seed).fit_predict(x)
+    kmeans_seconds = time.time() - started
+    started = time.time()
+    embedding = umap_embedding(x, k, seed)
+    gmm = GaussianMixture(k, covariance_type="full", n_init=10, random_state=seed, reg_covar=1e-5).fit(embedding)
+    umap_gmm = gmm.predict(embedding)
+    return {"kmeans": {**clustering_scores(y, kmeans), "seconds": round(kmeans_seconds, 1)},
+            "umap_gmm": {**clustering_scores(y, umap_gmm), "seconds": round(time.time() - started, 1),
+                         **cluster_health(umap_gmm, k)}}
+
+
+def recipe(data_dir: Path, run_dir: Path, seed: int, config: Path, threads: int) -> dict:
+    """The recipe as a user runs it: one `launch/train.py` process."""
+    run = RunFolder(run_dir)
+    if not run.is_finished:
+        command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config),
+                   f"data_dir={data_dir}", f"output_dir={run_dir}", f"seed={seed}", f"train.num_threads={threads}"]
+        if run.is_started:
+            command.append("train.resume=true")
+        started = time.time()
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"the recipe failed on {data_dir} (seed {seed}):\n{out.stderr[-3000:]}")
+        wall = time.time() - started
+        metrics = run.read_metrics()
+        metrics["wall_seconds"] = round(wall, 1)
+        run.write_metrics(metrics)
+    return run.read_metrics()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--sets", nargs="+", default=SETS, choices=SETS, metavar="SET")
+    parser.add_argument("--fast", action="store_true", help=f"only the fast sets CI runs: {', '.join(FAST)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--from", dest="from_dir", type=Path, default=ROOT.parent / "shared" / "datasets",
+                        help="folder with usps/, mnist/, fashion-mnist/ raw files")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
+    args = parser.parse_args()
+    sets = FAST if args.fast else args.sets
+    results_path = args.out / "generality.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name in sets:
+        data_dir = args.out / "data" / name
+        if not (data_dir / "dataset.json").is_file():
+            x, y = build_set(name, args.from_dir)
+            npz = args.out / "sets" / f"{name}.npz"
+            npz.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(npz, x=x, y=y)
+            prepare_dataset(str(npz), data_dir, samples_per_shard=max(1000, len(x) // 2))
+        row = results.get(name, {})
+        manifest = json.loads((data_dir / "dataset.json").read_text())
+        row.update(n=manifest["count"], image=manifest["image_shape"], k=manifest["n_classes"])
+        runs = row.setdefault("runs", {})
+        for seed in args.seeds:
+            key = str(seed)
+            if key not in runs:
+                console.log(f"{name}, seed {seed}: baselines")
+                runs[key] = {"baselines": baselines(data_dir, seed)}
+            if "recipe" not in runs[key]:
+                console.log(f"{name}, seed {seed}: the recipe")
+                metrics = recipe(data_dir, args.out / "runs" / f"{name}-s{seed}", seed, args.config, args.threads)
+                runs[key]["recipe"] = {key: metrics.get(key) for key in (
+                    "acc", "nmi", "ari", "n_used_clusters", "seconds", "wall_seconds", "peak_rss_mib", "health",
+                    "warnings")}
+                runs[key]["recipe"]["start"] = _start_scores(args.out / "runs" / f"{name}-s{seed}")
+            results[name] = row
+            atomic_write_json(results_path, results)
+    atomic_write_text(args.out / "generality.md", markdown(results, sets))
+    console.log(f"wrote {results_path} and {args.out / 'generality.md'} "
+                f"(peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    return 0
+
+
+def _start_scores(run_dir: Path) -> dict | None:
+    """The start's scores (the metrics line the trainer logs after it)."""
+    for line in RunFolder(run_dir).read_metrics_log():
+        if line.get("phase") == "kmeans" and "acc" in line:
+            return {"acc": line["acc"], "nmi": line["nmi"]}
+    return None
+
+
+def _mean(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
+def markdown(results: dict, sets: list[str]) -> str:
+    header = ["set", "N", "image", "K", "seeds", "recipe ACC", "recipe NMI", "start ACC", "k-means ACC",
+              "UMAP+GMM ACC", "UMAP+GMM NMI", "clusters used", "largest cluster", "seconds", "peak RSS MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name in [s for s in SETS if s in results]:
+        row = results[name]
+        runs = [r for r in row["runs"].values() if "recipe" in r]
+        recipe_runs = [r["recipe"] for r in runs]
+        lines.append("| " + " | ".join([
+            name, str(row["n"]), "×".join(map(str, row["image"])), str(row["k"]), str(len(runs)),
+            _mean([r["acc"] for r in recipe_runs]), _mean([r["nmi"] for r in recipe_runs]),
+            _mean([(r.get("start") or {}).get("acc") for r in recipe_runs]),
+            _mean([r["baselines"]["kmeans"]["acc"] for r in runs]),
+            _mean([r["baselines"]["umap_gmm"]["acc"] for r in runs]),
+            _mean([r["baselines"]["umap_gmm"]["nmi"] for r in runs]),
+            " ".join(str(r["n_used_clusters"]) for r in recipe_runs),
+            " ".join(f"{r['health']['size_max']:.2f}" for r in recipe_runs),
+            _mean([r["seconds"] for r in recipe_runs]),
+            _mean([r["peak_rss_mib"] for r in recipe_runs]),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

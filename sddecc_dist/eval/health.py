@@ -1,0 +1,56 @@
+"""Label-free health of a clustering: what tells a user whether to trust a run on data that
+has no labels. Computed for every logged epoch and at the end of a run (metrics.jsonl,
+metrics.json); never used to select a model.
+
+    clusters_used        clusters holding at least one sample, out of K
+    size_min/max         the smallest and largest cluster, as fractions of N
+    size_entropy         entropy of the cluster sizes / log K: 1 for equal sizes, 0 for one cluster
+    start_agreement      adjusted Rand index between the assignment and the start's (the
+                         partition the joint phase began from): how far training moved it
+    silhouette           silhouette of the assignment on the codes (a seeded sample of at most
+                         `silhouette_sample` samples): > 0 when clusters are compact and apart
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+__all__ = ["DEGENERATE_LARGEST", "cluster_health", "degenerate_warnings"]
+
+# A cluster holding more than this fraction of N, with K >= 2, is called degenerate.
+DEGENERATE_LARGEST = 0.5
+
+
+def cluster_health(assignments: np.ndarray, n_clusters: int, *, start: np.ndarray | None = None,
+                   codes: np.ndarray | None = None, silhouette_sample: int = 2000, seed: int = 0) -> dict:
+    """The figures above for one assignment (N,) of ids in 0..K-1."""
+    assignments = np.asarray(assignments)
+    sizes = np.bincount(assignments, minlength=n_clusters) / len(assignments)
+    used = sizes[sizes > 0]
+    entropy = float(-(used * np.log(used)).sum() / np.log(n_clusters)) if n_clusters > 1 else 1.0
+    health = {
+        "clusters_used": int(len(used)),
+        "size_min": round(float(sizes.min()), 6),
+        "size_max": round(float(sizes.max()), 6),
+        "size_entropy": round(entropy, 6),
+    }
+    if start is not None:
+        health["start_agreement"] = round(float(adjusted_rand_score(start, assignments)), 6)
+    if codes is not None:
+        health["silhouette"] = None
+        if 2 <= len(used) < len(assignments):
+            sample = min(silhouette_sample, len(assignments))
+            health["silhouette"] = round(float(silhouette_score(codes, assignments, sample_size=sample,
+                                                                random_state=seed)), 6)
+    return health
+
+
+def degenerate_warnings(health: dict, n_clusters: int) -> list[str]:
+    """What makes a result untrustworthy, in words (empty: none found)."""
+    warnings = []
+    if health["clusters_used"] < n_clusters:
+        warnings.append(f"only {health['clusters_used']} of {n_clusters} clusters hold samples")
+    if n_clusters >= 2 and health["size_max"] > DEGENERATE_LARGEST:
+        warnings.append(f"one cluster holds {health['size_max']:.0%} of the samples")
+    return warnings

@@ -207,11 +207,11 @@ def _start_scores(run_dir: Path) -> dict | None:
     return None
 
 
-def _mean(values: list) -> str:
+def _mean(values: list, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "—"
-    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
 
 
 def markdown(results: dict, sets: list[str]) -> str:
@@ -231,8 +231,8 @@ def markdown(results: dict, sets: list[str]) -> str:
             _mean([r["baselines"]["umap_gmm"]["nmi"] for r in runs]),
             " ".join(str(r["n_used_clusters"]) for r in recipe_runs),
             " ".join(f"{r['health']['size_max']:.2f}" for r in recipe_runs),
-            _mean([r["seconds"] for r in recipe_runs]),
-            _mean([r["peak_rss_mib"] for r in recipe_runs]),
+            _mean([r["seconds"] for r in recipe_runs], 0),
+            _mean([r["peak_rss_mib"] for r in recipe_runs], 0),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -157,7 +157,11 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     pretrain_epochs: int = param(30, min=0, help="minibatch epochs of DDECN pretraining")
-    pretrain_batch_size: int = param(256, min=1, help="global batch: split over processes and accumulation")
+    pretrain_steps: int = param(0, min=0, help="at least this many pretraining optimiser steps: the epochs are "
+                                               "raised to reach them, so that small sets train as long as large")
+    pretrain_batch_size: int | Literal["auto"] = param(
+        256, min=1, help="global batch, split over processes and accumulation; auto: N/16 within [32, 256], "
+                         "rounded down to a multiple of processes x accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
     pretrain_augment: Literal["none", "affine"] = param(
         "none", paper="none", departure="augmented pretraining", joint_only=False,

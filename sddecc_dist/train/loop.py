@@ -69,6 +69,7 @@ class Training:
     labels: np.ndarray | None  # only to score
     n: int
     n_clusters: int
+    pretrain: PretrainBatches
     progress: Progress
     stop: StopSignal
 
@@ -121,7 +122,7 @@ def train(config: Config) -> dict:
     n_clusters = config.n_clusters or manifest.get("n_classes")
     if not n_clusters:
         raise ConfigError(f"{config.data_dir}/dataset.json gives no number of classes: set n_clusters=K")
-    micro_batch = _micro_batch(config, world)
+    micro_batch = _micro_batch(config, world, n)
 
     # 2. the joint sampler and the graph it needs -------------------------------------------------
     with accelerator.main_process_first():  # rank 0 builds missing artifacts, the others then read them
@@ -162,11 +163,12 @@ def train(config: Config) -> dict:
     state.sampler = sampler.state_dict()
 
     with StopSignal() as stop, progress_bars() as progress:
+        pretrain = PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device)
         t = Training(config, accelerator, run, checkpointer, state, model, core, optimizer, sampler, share, labels,
-                     n, n_clusters, progress, stop)
+                     n, n_clusters, pretrain, progress, stop)
         # 4. pretraining
         if state.position.phase == "pretrain":
-            _pretrain(t, PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device))
+            _pretrain(t)
         elif config.train.init_from and accelerator.is_main_process:  # keep the stage's artifact in this run
             shutil.copyfile(config.train.init_from, run.model_file("pretrain"))
         # 5. the start: centres (and q(y)) from the initial partition of the pretrained codes, once
@@ -182,11 +184,11 @@ def train(config: Config) -> dict:
     return _finish(t, joint_epochs, pending_line, started, training_peak, manifest)
 
 
-def _pretrain(t: Training, batches: PretrainBatches) -> None:
+def _pretrain(t: Training) -> None:
     """DDECN on minibatches: Eq. 12 + 13 (reconstruction, λ1 · MI, λ2 · prior KL)."""
-    cfg, at = t.config.train, t.state.position
-    task = t.progress.add_task("pretrain", total=cfg.pretrain_epochs, completed=at.epoch, status="")
-    for epoch in range(at.epoch, cfg.pretrain_epochs):
+    cfg, at, batches = t.config.train, t.state.position, t.pretrain
+    task = t.progress.add_task("pretrain", total=batches.epochs, completed=at.epoch, status="")
+    for epoch in range(at.epoch, batches.epochs):
         epoch_start, sums, seen = time.time(), {}, 0
         _set_learning_rates(t.optimizer, ddecn=cfg.pretrain_lr, head=0.0)
         for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
@@ -205,12 +207,12 @@ def _pretrain(t: Training, batches: PretrainBatches) -> None:
         means = {k: v / max(seen, 1) for k, v in sums.items()}
         t.progress.update(task, advance=1)
         rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
-        log(f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs} {_format(means)} ({rate:.0f} samples/s)")
+        log(f"pretrain epoch {epoch + 1}/{batches.epochs} {_format(means)} ({rate:.0f} samples/s)")
         t.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means, "peak_memory_mib": round(peak_memory_mib(), 1)})
-        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.pretrain_epochs:
+        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < batches.epochs:
             t.checkpoint(Position("pretrain", epoch + 1, 0))
     if t.accelerator.is_main_process:
-        t.run.write_model_file("pretrain", t.core, t.config, "pretrain", cfg.pretrain_epochs)
+        t.run.write_model_file("pretrain", t.core, t.config, "pretrain", batches.epochs)
     t.state.position = Position("joint", 0, 0)
 
 
@@ -234,7 +236,7 @@ def _start(t: Training) -> None:
     health = t.health(labels, None)
     log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x): {_format(t.state.start_scores)} "
         f"{_format(health)}")
-    t.log_metrics({"phase": "kmeans", "epoch": cfg.pretrain_epochs, **t.state.start_scores, **health,
+    t.log_metrics({"phase": "kmeans", "epoch": t.pretrain.epochs, **t.state.start_scores, **health,
                    "peak_memory_mib": round(peak_memory_mib(), 1)})
     t.checkpoint(Position("joint", 0, 0))
 
@@ -374,12 +376,16 @@ def _prepare_data(config: Config, accelerator: Accelerator) -> dict:
         return read_manifest(data_dir)
 
 
-def _micro_batch(config: Config, world: int) -> int:
+def _micro_batch(config: Config, world: int, n: int) -> int:
     train = config.train
-    micro_batch, rest = divmod(train.pretrain_batch_size, world * train.gradient_accumulation_steps)
+    split = world * train.gradient_accumulation_steps
+    batch = train.pretrain_batch_size
+    if batch == "auto":  # N/16 within [32, 256], a multiple of the split
+        batch = max(2 * split, min(256, max(32, n // 16)) // split * split)
+    micro_batch, rest = divmod(batch, split)
     if rest or micro_batch < 2:
         raise ConfigError(
-            f"train.pretrain_batch_size={train.pretrain_batch_size} is the global batch: it must be "
+            f"train.pretrain_batch_size={batch} is the global batch: it must be "
             f"a multiple of processes ({world}) x gradient_accumulation_steps "
             f"({train.gradient_accumulation_steps}) with at least 2 samples per micro-batch"
         )

@@ -51,6 +51,9 @@ class PretrainBatches:
         self.steps = None if world_size == 1 else n // (world_size * micro_batch)
         self.steps_per_epoch = math.ceil(n / micro_batch) if self.steps is None else self.steps
         train = config.train
+        # pretrain_steps counts optimiser steps: one per gradient_accumulation_steps micro-batches
+        optimiser_steps = max(1, self.steps_per_epoch // train.gradient_accumulation_steps)
+        self.epochs = max(train.pretrain_epochs, math.ceil(train.pretrain_steps / optimiser_steps))
         self.augment = None
         if train.pretrain_augment == "affine":
             self.augment = RandomAffineAugment(train.augment_degrees, train.augment_translate, train.augment_scale)

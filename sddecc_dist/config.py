@@ -163,6 +163,9 @@ class TrainConfig:
         256, min=1, help="global batch, split over processes and accumulation; auto: N/16 within [32, 256], "
                          "rounded down to a multiple of processes x accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
+    pretrain_source: Literal["shards", "memory"] = param(
+        "shards", help="where pretraining batches come from: streamed from the shards (webdataset; any N), or "
+                       "cut from the images in memory (a copy of every image per process: for sets that fit)")
     pretrain_augment: Literal["none", "affine"] = param(
         "none", paper="none", departure="augmented pretraining", joint_only=False,
         help="affine: each pretraining batch is warped by random affine maps (kornia) before the encoder, "

@@ -242,3 +242,37 @@ def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
     (legacy / "position.json").write_text('{"phase": "joint", "epoch": 5, "step": 0}')
     with pytest.raises(ConfigError, match="written by an older sddecc-dist"):
         train(_short_config(tmp_path, tmp_path / "data", "run", "train.resume=true"))
+
+
+def test_pretraining_batches_from_memory_cover_every_sample_once_per_epoch(tmp_path):
+    """train.pretrain_source=memory: each epoch a seeded permutation of the rank's samples, the
+    same images the shards hold; two ranks split the samples and take equal step counts."""
+    import torch
+
+    from sddecc_dist.data import load_all, read_manifest
+    from sddecc_dist.pipeline import prepare_dataset
+    from sddecc_dist.train.samplers import PretrainBatches
+
+    prepare_dataset("digits", tmp_path / "data", samples_per_shard=600)
+    manifest = read_manifest(tmp_path / "data")
+    images, _ = load_all(tmp_path / "data", manifest)
+    config = load_config(ROOT / "configs/digits.yaml", [f"data_dir={tmp_path / 'data'}", "train.pretrain_source=memory"])
+    batches = PretrainBatches(config, manifest, 100, 0, 1, torch.device("cpu"), images)
+    epoch = [x for _, x, _ in batches.epoch(3)]
+    assert len(epoch) == batches.steps_per_epoch == 18 and sum(len(x) for x in epoch) == 1797
+    seen = torch.cat(epoch)
+    # every image exactly once: match each batch row to its image
+    index = {tuple(img.flatten().tolist()): i for i, img in enumerate(images)}
+    rows = [index[tuple(img.flatten().tolist())] for img in seen]
+    assert len(rows) == len(set(rows)) == len(index)  # digits has no two identical images
+    again = torch.cat([x for _, x, _ in batches.epoch(3)])
+    assert torch.equal(seen, again) and not torch.equal(seen, torch.cat([x for _, x, _ in batches.epoch(4)]))
+    resumed = [x for _, x, _ in batches.epoch(3, start_step=5)]
+    assert torch.equal(torch.cat(resumed), torch.cat(epoch[5:]))
+    # two ranks: shards 0, 2 and 1 (600 + 597 and 600 samples), the same number of full batches
+    ranks = [PretrainBatches(config, manifest, 100, r, 2, torch.device("cpu"), images) for r in range(2)]
+    per_rank = [[x for _, x, _ in b.epoch(0)] for b in ranks]
+    assert [len(p) for p in per_rank] == [8, 8] and all(len(x) == 100 for p in per_rank for x in p)
+    first = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[0])}
+    second = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[1])}
+    assert first.isdisjoint(second) and max(second) < 1200 <= max(first)

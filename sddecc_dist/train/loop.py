@@ -28,7 +28,7 @@ from accelerate.utils import broadcast, gather_object, set_seed
 from rich.progress import Progress
 
 from sddecc_dist.config import Config, ConfigError, method_name
-from sddecc_dist.data import read_manifest
+from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.eval.health import cluster_health, degenerate_warnings
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.sddecc import SDDECC
@@ -163,7 +163,11 @@ def train(config: Config) -> dict:
     state.sampler = sampler.state_dict()
 
     with StopSignal() as stop, progress_bars() as progress:
-        pretrain = PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device)
+        in_memory = None
+        if config.train.pretrain_source == "memory":  # the full-graph sampler holds them already
+            in_memory = sampler.images_in_memory
+            in_memory = load_all(config.data_dir, manifest)[0] if in_memory is None else in_memory
+        pretrain = PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device, in_memory)
         t = Training(config, accelerator, run, checkpointer, state, model, core, optimizer, sampler, share, labels,
                      n, n_clusters, pretrain, progress, stop)
         # 4. pretraining

@@ -29,7 +29,14 @@ import torch
 from accelerate import Accelerator
 
 from sddecc_dist.config import Config, ConfigError
-from sddecc_dist.data import load_all, read_partitioned_manifest, stream_batches, stream_subgraphs
+from sddecc_dist.data import (
+    load_all,
+    rank_shards,
+    read_partitioned_manifest,
+    shard_indices,
+    stream_batches,
+    stream_subgraphs,
+)
 from sddecc_dist.data.augment import RandomAffineAugment
 from sddecc_dist.data import steps_per_epoch as partition_steps
 from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
@@ -38,14 +45,17 @@ from sddecc_dist.train.inference import NodeShare, node_share
 
 
 class PretrainBatches:
-    """Shuffled minibatches of images for DDECN pretraining. One process streams every sample
+    """Shuffled minibatches of images for DDECN pretraining. One process takes every sample
     (the last batch partial); several take equal numbers of full batches from their own shards,
-    so that no rank waits in a collective for a batch another rank lacks. With
-    train.pretrain_augment=affine the encoder sees randomly warped images."""
+    so that no rank waits in a collective for a batch another rank lacks. The batches are
+    streamed from the shards through webdataset, or, given `images` (every sample, by global
+    index), cut from memory: each rank shuffles its own shards' samples with a generator
+    seeded by (seed, epoch). With train.pretrain_augment=affine the encoder sees randomly
+    warped images."""
 
     def __init__(self, config: Config, manifest: dict, micro_batch: int, rank: int, world_size: int,
-                 device: torch.device):
-        self.config, self.manifest, self.device = config, manifest, device
+                 device: torch.device, images: torch.Tensor | None = None):
+        self.config, self.manifest, self.device, self.images = config, manifest, device, images
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         n = manifest["count"]
         self.steps = None if world_size == 1 else n // (world_size * micro_batch)
@@ -62,10 +72,14 @@ class PretrainBatches:
         """(step, encoder input, reconstruction target or None for the input itself) of `epoch`,
         on the device, from `start_step` on: the same seed gives the same order, so a resumed
         epoch continues exactly."""
-        batches = stream_batches(self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer,
-                                 seed=self.config.seed * 100003 + epoch, manifest=self.manifest, rank=self.rank,
-                                 world_size=self.world_size, steps=self.steps)
-        for step, (_, images, _) in enumerate(batches):
+        seed = self.config.seed * 100003 + epoch
+        if self.images is None:
+            batches = (images for _, images, _ in stream_batches(
+                self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer, seed=seed,
+                manifest=self.manifest, rank=self.rank, world_size=self.world_size, steps=self.steps))
+        else:
+            batches = self._from_memory(seed)
+        for step, images in enumerate(batches):
             if step < start_step:
                 continue
             images = images.to(self.device)
@@ -74,6 +88,17 @@ class PretrainBatches:
                 continue
             warped = self.augment(images)
             yield step, warped, images if self.config.train.augment_target == "clean" else None
+
+    def _from_memory(self, seed: int) -> Iterator[torch.Tensor]:
+        shards = [self.manifest["shards"][i] for i in rank_shards(self.manifest, self.rank, self.world_size)]
+        own = torch.from_numpy(shard_indices(shards))
+        order = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(seed))]
+        if self.steps is not None:  # several ranks: exactly `steps` full batches, reshuffled passes if short
+            passes = math.ceil(self.steps * self.micro_batch / len(own))
+            order = torch.cat([order] + [own[torch.randperm(len(own), generator=torch.Generator().manual_seed(
+                seed * 1009 + extra))] for extra in range(1, passes)])[:self.steps * self.micro_batch]
+        for start in range(0, len(order), self.micro_batch):
+            yield self.images[order[start:start + self.micro_batch]]
 
 
 @dataclass
@@ -109,6 +134,11 @@ class JointSampler(ABC):
     @abstractmethod
     def state_dict(self) -> dict:
         """What a resumed run must find again (a checkpoint of another sampler is refused)."""
+
+    @property
+    def images_in_memory(self) -> torch.Tensor | None:
+        """Every image by global index (CPU) when the sampler holds them, else None."""
+        return None
 
 
 def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator) -> JointSampler:
@@ -157,6 +187,10 @@ class FullGraphSampler(JointSampler):
 
     def state_dict(self) -> dict:
         return {"sampler": "full", "n": self.n}
+
+    @property
+    def images_in_memory(self) -> torch.Tensor:
+        return self.images
 
 
 class ClusterGCNSampler(JointSampler):

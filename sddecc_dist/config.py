@@ -123,6 +123,11 @@ class LossConfig:
                                       help="Eq. 18's weight in the joint phase when not λ2 (kl_weight, which "
                                            "then weighs the pretraining's prior KL only); 0 leaves the joint "
                                            "phase to the other clustering terms")
+    eq18_fixed_y: bool = param(False, paper=False, departure="Eq. 18 with Y held fixed",
+                               help="Eq. 18 takes Y as a fixed target (no gradient into the GCN): it moves the "
+                                    "codes and centres towards Y's clusters and leaves Y to the graph and the "
+                                    "other terms. Without it Y is pulled to the codes' own Gaussian-mixture "
+                                    "posterior (docs/method.md)")
     balance_weight: float = param(0.0, min=0.0, paper=0.0, departure="balance {}",
                                   help="KL(mean cluster usage || q(y)), the balance the paper asks of q(y)")
     cluster_prior: Literal["uniform", "init"] = param(

@@ -18,6 +18,7 @@ from sddecc_dist.graph import (
     load_graph,
     normalized_adjacency,
     save_graph,
+    umap_knn,
 )
 
 
@@ -64,6 +65,26 @@ def test_knn_digits_matches_brute_force() -> None:
     x = load_digits().data  # float64 integer pixels: distances are exact integers, ties are exact
     dist, idx = knn_search(x, k=10, use_gpu=False, query_batch=500)
     assert_matches_brute_force(x.astype(np.float32), 10, dist, idx, atol=1e-3)
+
+
+def test_umap_knn_is_umaps_own_neighbour_search() -> None:
+    """UMAP's precomputed_knn format: self first at distance 0, then Euclidean (not squared)
+    distances. Fed with it, UMAP's fuzzy graph equals the one its own exact search gives below
+    4096 samples (all pairwise distances, then the k smallest per row)."""
+    from sklearn.metrics import pairwise_distances
+    from umap.umap_ import fuzzy_simplicial_set
+
+    x = np.random.default_rng(3).normal(size=(300, 12)).astype(np.float32)  # no ties among neighbours
+    indices, distances = umap_knn(x, 8, use_gpu=False)
+    assert indices.shape == distances.shape == (300, 8)
+    assert (indices[:, 0] == np.arange(300)).all() and (distances[:, 0] == 0).all()
+    sq, idx = knn_search(x, k=7, use_gpu=False)
+    np.testing.assert_array_equal(indices[:, 1:], idx)
+    np.testing.assert_allclose(distances[:, 1:] ** 2, sq, rtol=1e-5)
+    ours, _, _ = fuzzy_simplicial_set(x, 8, np.random.RandomState(0), "euclidean",
+                                      knn_indices=indices, knn_dists=distances)
+    theirs, _, _ = fuzzy_simplicial_set(pairwise_distances(x), 8, np.random.RandomState(0), "precomputed")
+    np.testing.assert_allclose(ours.toarray(), theirs.toarray(), atol=1e-4)
 
 
 def test_knn_query_batch_does_not_change_result() -> None:

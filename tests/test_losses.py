@@ -261,3 +261,33 @@ def test_every_clustering_term_has_a_config_weight_and_every_weight_a_term():
     assert LossConfig(kl_weight=2.0, eq18_weight=0.5).cluster_kl_weight == 0.5
     assert LossConfig(kl_weight=2.0, eq18_weight=0.5, cluster_kl=False).cluster_kl_weight == 0.0
     assert list(losses.CLUSTER_TERMS)[:3] == ["neighbour", "cluster_kl", "balance"]  # the order they are summed in
+
+
+def test_eq18_with_fixed_y_moves_codes_and_centres_but_not_y():
+    """loss.eq18_fixed_y: the same value, no gradient into Y, and the codes' and centres'
+    gradients those of Eq. 18 with Y a constant: Σ_y Y_y (mean - μ_y) per sample, over N."""
+    from sddecc_dist.config import LossConfig
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 6, 3, 4
+    logits = torch.randn(n, k, generator=g, requires_grad=True)
+    mean = torch.randn(n, d, generator=g, requires_grad=True)
+    centers = torch.randn(k, d, generator=g, requires_grad=True)
+    logvar = torch.zeros(n, d)
+
+    def terms(fixed: bool) -> torch.Tensor:
+        batch = losses.ClusterBatch(y=torch.softmax(logits, 1), adjacency=None, scored=None, codes=mean,
+                                    codes_logvar=logvar, centers=centers, prior=None, running_marginal=None,
+                                    batch_share=1.0, fixed_y=fixed)
+        return losses.cluster_terms(batch, LossConfig(eq18_weight=1.0))["cluster_kl"]
+
+    free, fixed = terms(False), terms(True)
+    assert torch.allclose(free, fixed)
+    fixed_grads = torch.autograd.grad(fixed, [mean, centers, logits], allow_unused=True)
+    assert fixed_grads[2] is None  # nothing reaches the GCN's output
+    y = torch.softmax(logits, 1).detach()
+    expected_mean = (y[:, :, None] * (mean.detach()[:, None, :] - centers.detach()[None])).sum(1) / n
+    expected_centres = -(y[:, :, None] * (mean.detach()[:, None, :] - centers.detach()[None])).sum(0) / n
+    torch.testing.assert_close(fixed_grads[0], expected_mean)
+    torch.testing.assert_close(fixed_grads[1], expected_centres)
+    assert torch.autograd.grad(free, logits)[0].abs().sum() > 0  # the paper's Eq. 18 does move Y

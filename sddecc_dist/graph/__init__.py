@@ -14,7 +14,7 @@ from .adjacency import (
     to_scipy_csr,
 )
 from .distributed import assign_shards, build_graph_sharded
-from .knn import INDEX_TYPES, GraphError, knn_graph, knn_search, resolve_use_gpu
+from .knn import INDEX_TYPES, GraphError, knn_graph, knn_search, resolve_use_gpu, umap_knn
 from .partition import (
     PARTITION_FORMAT_VERSION,
     PARTITION_METHODS,
@@ -54,4 +54,5 @@ __all__ = [
     "save_partitions",
     "symmetric_adjacency",
     "to_scipy_csr",
+    "umap_knn",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "resolve_index",
     "resolve_use_gpu",
     "search_index",
+    "umap_knn",
 ]
 
 # FAISS GPU search cannot select more than this many neighbours.
@@ -305,3 +306,15 @@ def knn_search(
     """
     distances, neighbors, _ = knn_graph(features, k, params, use_gpu, query_batch)
     return distances, neighbors
+
+
+def umap_knn(features: np.ndarray, n_neighbors: int, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP's ``precomputed_knn`` from FAISS: ``(indices, distances)``, (N, n_neighbors) each,
+    every row's own sample first at distance 0, then its ``n_neighbors - 1`` nearest others by
+    Euclidean (not squared) distance. Handing UMAP these spares it its own neighbour search,
+    whose numba compilation alone takes about 10 s per process on this machine."""
+    distances, neighbors = knn_search(np.ascontiguousarray(features, dtype=np.float32), n_neighbors - 1, use_gpu)
+    n = len(neighbors)
+    indices = np.concatenate([np.arange(n, dtype=np.int64)[:, None], neighbors], axis=1)
+    distances = np.concatenate([np.zeros((n, 1), np.float32), np.sqrt(np.maximum(distances, 0))], axis=1)
+    return indices, distances

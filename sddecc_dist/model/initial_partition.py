@@ -6,6 +6,8 @@ same function on a checkpoint's codes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import umap
@@ -20,7 +22,7 @@ UMAP_NEIGHBOURS = 20
 
 def initial_partition(
     codes: np.ndarray, n_clusters: int, method: str, *, graph: sp.spmatrix | None = None,
-    n_init: int = 20, seed: int = 0, fit_sample: int = 100_000,
+    n_init: int = 20, seed: int = 0, fit_sample: int = 100_000, knn: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), centres (K, d) = each cluster's mean code) of `codes` (N, d).
 
@@ -29,9 +31,10 @@ def initial_partition(
     edge between them: sparse, so no N x N distance matrix; sklearn joins disconnected
     components itself, with a warning. umap_gmm: N2D's start, a full-covariance Gaussian
     mixture (`n_init` starts, the best likelihood kept) on a UMAP embedding of the codes; UMAP
-    is fitted on at most `fit_sample` codes (seeded) and the others are placed by its transform."""
+    is fitted on at most `fit_sample` codes (seeded) and the others are placed by its transform;
+    `knn` is its neighbour search done already (see `umap_embedding`)."""
     if method == "umap_gmm":
-        return _umap_gmm(codes, n_clusters, n_init, seed, fit_sample)
+        return _umap_gmm(codes, n_clusters, n_init, seed, fit_sample, knn)
     if method == "kmeans":
         kmeans = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(codes)
         return kmeans.labels_, kmeans.cluster_centers_
@@ -43,23 +46,38 @@ def initial_partition(
     raise ValueError(f"unknown initial partition {method!r}: expected 'kmeans', 'ward' or 'umap_gmm'")
 
 
-def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: int = 100_000) -> np.ndarray:
+def umap_neighbours(n: int, n_clusters: int) -> int:
+    """UMAP's neighbourhood size for N samples in K clusters: 20, or N/K when fewer (a cluster
+    must be able to hold a neighbourhood)."""
+    return int(min(UMAP_NEIGHBOURS, max(2, n // n_clusters), n - 1))
+
+
+def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: int = 100_000,
+                   knn: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """N2D's UMAP embedding of `codes` (N, d): 10 dimensions (at most d), min_dist 0,
-    20 neighbours or N/K when fewer (a cluster must be able to hold a neighbourhood)."""
+    `umap_neighbours(N, K)` neighbours. `knn` = (indices, Euclidean distances), each
+    (N, umap_neighbours(N, K)) with every row's own sample first, is UMAP's neighbour search
+    done by the caller (graph/knn.py's `umap_knn`, with FAISS); used when UMAP is fitted on
+    every code (N <= fit_sample), since UMAP can transform new codes only with its own."""
     n = len(codes)
-    neighbours = int(min(UMAP_NEIGHBOURS, max(2, n // n_clusters), n - 1))
+    neighbours = umap_neighbours(n, n_clusters)
+    use_knn = knn is not None and n <= fit_sample
+    if use_knn and knn[0].shape != (n, neighbours):
+        raise ValueError(f"knn holds {knn[0].shape} neighbours; UMAP needs ({n}, {neighbours}), self first")
     reducer = umap.UMAP(n_components=min(UMAP_COMPONENTS, codes.shape[1]), n_neighbors=neighbours, min_dist=0.0,
-                        random_state=seed, n_jobs=1)
+                        random_state=seed, n_jobs=1, precomputed_knn=(*knn, None) if use_knn else (None, None, None))
     if n <= fit_sample:
-        return reducer.fit_transform(codes)
+        with warnings.catch_warnings():  # "transform will be unavailable": it is not used
+            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
+            return reducer.fit_transform(codes)
     fitted = np.sort(np.random.default_rng(seed).choice(n, size=fit_sample, replace=False))
     reducer.fit(codes[fitted])
     return reducer.transform(codes)
 
 
-def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    embedding = umap_embedding(codes, n_clusters, seed, fit_sample)
+def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int,
+              knn: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    embedding = umap_embedding(codes, n_clusters, seed, fit_sample, knn)
     mixture = GaussianMixture(n_clusters, covariance_type="full", n_init=n_init, random_state=seed,
                               reg_covar=1e-5).fit(embedding)
     responsibilities = mixture.predict_proba(embedding)

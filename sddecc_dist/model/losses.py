@@ -150,6 +150,7 @@ class ClusterBatch:
     running_marginal: torch.Tensor | None  # estimate of the data's cluster marginal (minibatches)
     batch_share: float  # the batch's share of the data
     start_labels: torch.Tensor | None = None  # the start's cluster of each scored row
+    fixed_y: bool = False  # Eq. 18 takes Y as a fixed target (loss.eq18_fixed_y)
 
     def _pick(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.scored is None else rows[self.scored]
@@ -221,7 +222,8 @@ def _neighbour(batch: ClusterBatch) -> torch.Tensor:
 
 @cluster_term("cluster_kl", weight="cluster_kl_weight")
 def _cluster_kl(batch: ClusterBatch) -> torch.Tensor:
-    return clustering_kl(batch.mean, batch.logvar, batch.y_scored, batch.centers, batch.prior)
+    y = batch.y_scored.detach() if batch.fixed_y else batch.y_scored
+    return clustering_kl(batch.mean, batch.logvar, y, batch.centers, batch.prior)
 
 
 @cluster_term("balance", weight="balance_weight")

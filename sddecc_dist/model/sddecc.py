@@ -6,6 +6,7 @@ has no notion of processes, devices or data files. The trainer decides what to f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -175,19 +176,24 @@ class SDDECC(nn.Module):
         loss_index: torch.Tensor | None = None,
         running_marginal: tuple[torch.Tensor, float] | None = None,
         start_labels: torch.Tensor | None = None,
+        encoded: EncoderOutput | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """The DDECN frozen, only the GCN (or head) learns, before Y is allowed to move the
         codes: towards the mixture posterior of the pretrained codes (Eq. 18), or, given
         `start_labels` (the initial partition's cluster of each node `loss_index`), towards that
-        partition itself (cross-entropy)."""
-        with torch.no_grad():
-            encoded = self.encode(x)
+        partition itself (cross-entropy). `encoded`: the frozen encoder's output for `x`, when
+        the caller kept it from an earlier step (the same batch, the same weights)."""
+        if encoded is None:
+            with torch.no_grad():
+                encoded = self.encode(x)
         y = self.cluster_probabilities(x, encoded, adjacency)
         if start_labels is not None:
             rows = y if loss_index is None else y[loss_index]
             terms = {"start_ce": -torch.log(rows.gather(1, start_labels[:, None]).clamp_min(1e-12)).mean()}
         else:
-            terms = self._cluster_terms(encoded, y, self.centers.detach(), self._prior(loss_config), loss_config,
+            # This warm-up teaches Y Eq. 18's posterior: Y is what it trains, never a fixed target.
+            warm_up_config = dataclasses.replace(loss_config, eq18_fixed_y=False)
+            terms = self._cluster_terms(encoded, y, self.centers.detach(), self._prior(loss_config), warm_up_config,
                                         loss_index, running_marginal, adjacency)
         return self._weighted(terms, loss_config), y.detach()
 
@@ -219,7 +225,8 @@ class SDDECC(nn.Module):
         marginal, share = running_marginal or (None, 1.0)
         batch = losses.ClusterBatch(y=y, adjacency=adjacency, scored=loss_index, codes=codes,
                                     codes_logvar=encoded.logvar, centers=centers, prior=prior,
-                                    running_marginal=marginal, batch_share=share, start_labels=start_labels)
+                                    running_marginal=marginal, batch_share=share, start_labels=start_labels,
+                                    fixed_y=loss_config.eq18_fixed_y)
         return losses.cluster_terms(batch, loss_config)
 
     @staticmethod

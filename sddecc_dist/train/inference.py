@@ -18,8 +18,9 @@ from accelerate import Accelerator
 
 from sddecc_dist.config import Config
 from sddecc_dist.data import rank_shards, shard_indices, stream_share
+from sddecc_dist.graph.knn import umap_knn
 from sddecc_dist.model.gcn import propagate, smooth
-from sddecc_dist.model.initial_partition import initial_partition
+from sddecc_dist.model.initial_partition import initial_partition, umap_neighbours
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.train.distributed import gather_rows
 
@@ -125,6 +126,10 @@ def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | No
     steps = config.train.center_init_smoothing if adjacency is not None else 0
     if steps:
         codes = smooth(adjacency, codes.to(accelerator.device), steps).cpu()
-    return initial_partition(codes.numpy(), n_clusters, config.train.center_init, graph=adjacency_sp,
+    codes = codes.numpy()
+    knn = None
+    if config.train.center_init == "umap_gmm" and n <= config.train.start_fit_sample:
+        knn = umap_knn(codes, umap_neighbours(n, n_clusters), config.graph.use_gpu)  # FAISS, not UMAP's own
+    return initial_partition(codes, n_clusters, config.train.center_init, graph=adjacency_sp,
                              n_init=config.train.kmeans_n_init, seed=config.seed,
-                             fit_sample=config.train.start_fit_sample)
+                             fit_sample=config.train.start_fit_sample, knn=knn)

@@ -258,6 +258,10 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
     # starts uniform, saved with the checkpoints so that a resumed run continues it.
     marginal = torch.tensor(t.state.cluster_marginal or [1.0 / t.n_clusters] * t.n_clusters, device=device)
     steps_in_epoch = t.sampler.steps_per_epoch
+    # The whole graph's encoder output while the encoder is frozen (the warm-up, full-graph
+    # batches): one forward for the warm-up instead of one per step. Same values, as the
+    # encoder's weights do not change and it has no dropout or batch statistics.
+    frozen_encoding = None
     task = t.progress.add_task("joint", total=joint_epochs, completed=at.epoch, status="")
     pending_line = None
     for epoch in range(at.epoch, joint_epochs):
@@ -276,6 +280,13 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
             # the joint phase's start term.
             if not warm_up or cfg.head_warmup_target == "start":
                 kwargs["start_labels"] = start_labels[batch.scored_ids.to(device)]
+            if warm_up and len(batch.ids) == t.n:
+                if frozen_encoding is None:
+                    with torch.no_grad():
+                        frozen_encoding = t.core.encode(batch.images)
+                kwargs["encoded"] = frozen_encoding
+            else:
+                frozen_encoding = None  # the encoder trains from here on: let the memory go
             terms, y = t.model("head" if warm_up else "joint", batch.images, **kwargs)
             t.accelerator.backward(terms.total)
             t.optimizer.step()

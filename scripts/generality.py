@@ -113,7 +113,7 @@ def build_set(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 SETS = ["digits", "usps", "usps-2000", "usps-k2", "mnist-5000", "fmnist-5000", "mnist+fmnist", "k40",
         "mnist-32px", "mnist-64px", "mnist-rgb", "mnist-imbalanced"]
-FAST = ["digits", "usps-2000", "k40"]  # the part CI runs (tests/test_generality.py)
+FAST = ["digits", "usps-2000", "k40"]  # the part tests/test_generality.py runs (marked suite)
 
 
 # ---- one row ------------------------------------------------------------------------------
@@ -158,7 +158,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--sets", nargs="+", default=SETS, choices=SETS, metavar="SET")
-    parser.add_argument("--fast", action="store_true", help=f"only the fast sets CI runs: {', '.join(FAST)}")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"only the fast sets (tests/test_generality.py): {', '.join(FAST)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--from", dest="from_dir", type=Path, default=ROOT.parent / "shared" / "datasets",
                         help="folder with usps/, mnist/, fashion-mnist/ raw files")
@@ -217,7 +218,8 @@ def _mean(values: list, digits: int = 3) -> str:
 
 def markdown(results: dict, sets: list[str]) -> str:
     header = ["set", "N", "image", "K", "seeds", "recipe ACC", "recipe NMI", "start ACC", "k-means ACC",
-              "k-means NMI", "UMAP+GMM ACC", "UMAP+GMM NMI", "clusters used", "largest cluster", "seconds", "peak RSS MiB"]
+              "k-means NMI", "UMAP+GMM ACC", "UMAP+GMM NMI", "clusters used", "largest cluster", "seconds",
+              "peak RSS MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name in [s for s in SETS if s in results]:
         row = results[name]

@@ -168,6 +168,10 @@ class TrainConfig:
         256, min=1, help="global batch, split over processes and accumulation; auto: N/16 within [32, 256], "
                          "rounded down to a multiple of processes x accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
+    pretrain_lr_warmup_steps: int = param(0, min=0, help="the pretraining learning rate rises linearly over "
+                                                         "this many optimiser steps (0: none). At 64x64 the "
+                                                         "first steps at 1e-3 can kill the decoder's ReLUs "
+                                                         "(docs/generality.md)")
     pretrain_source: Literal["shards", "memory"] = param(
         "shards", help="where pretraining batches come from: streamed from the shards (webdataset; any N), or "
                        "cut from the images in memory (a copy of every image per process: for sets that fit)")

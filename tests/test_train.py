@@ -276,3 +276,10 @@ def test_pretraining_batches_from_memory_cover_every_sample_once_per_epoch(tmp_p
     first = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[0])}
     second = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[1])}
     assert first.isdisjoint(second) and max(second) < 1200 <= max(first)
+
+
+def test_pretraining_learning_rate_warm_up_is_linear_then_constant():
+    from sddecc_dist.train.loop import warmed_up_lr
+
+    assert [warmed_up_lr(1e-3, s, 4) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert warmed_up_lr(1e-3, 0, 0) == 1e-3  # 0: no warm-up

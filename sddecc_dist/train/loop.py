@@ -196,6 +196,10 @@ def _pretrain(t: Training) -> None:
         epoch_start, sums, seen = time.time(), {}, 0
         _set_learning_rates(t.optimizer, ddecn=cfg.pretrain_lr, head=0.0)
         for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
+            if cfg.pretrain_lr_warmup_steps:  # from the position alone, so a resumed run continues it
+                done = (epoch * batches.steps_per_epoch + step) // cfg.gradient_accumulation_steps
+                lr = warmed_up_lr(cfg.pretrain_lr, done, cfg.pretrain_lr_warmup_steps)
+                _set_learning_rates(t.optimizer, ddecn=lr, head=0.0)
             with t.accelerator.accumulate(t.model):
                 # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
                 terms = t.model("pretrain", x, loss_config=t.config.loss, target=target)
@@ -415,6 +419,12 @@ def _set_aside_previous(run: RunFolder, accelerator: Accelerator) -> None:
             f"moved to {RunFolder.PREVIOUS_CHECKPOINTS}/ (use --resume to continue a run instead)")
         run.set_aside_checkpoints()
     accelerator.wait_for_everyone()
+
+
+def warmed_up_lr(lr: float, optimiser_step: int, warmup_steps: int) -> float:
+    """The learning rate of optimiser step `optimiser_step` (0-based) under a linear warm-up
+    over `warmup_steps` steps: lr/W, 2 lr/W, ..., then lr."""
+    return lr * min(1.0, (optimiser_step + 1) / warmup_steps) if warmup_steps else lr
 
 
 def _set_learning_rates(optimizer, **rates: float) -> None:

@@ -11,6 +11,12 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 import umap
+import umap.distances
+import umap.layouts
+import umap.sparse
+import umap.umap_
+import umap.utils
+from numba.core.registry import CPUDispatcher
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -18,6 +24,24 @@ from sklearn.mixture import GaussianMixture
 # (fewer when a cluster of N/K samples has fewer), min_dist 0 (tight clusters for the GMM).
 UMAP_COMPONENTS = 10
 UMAP_NEIGHBOURS = 20
+
+
+def _cache_umap_compilation() -> None:
+    """Let numba keep umap-learn's compiled functions on disk. umap-learn declares most of
+    them without `cache=True`, so every process compiled them again: about 5.5 s of a
+    400-sample start's 6 s (0.4 s from the cache). `enable_caching` is what numba's own
+    `cache=True` calls; where numba finds no usable cache folder it raises, and that
+    function compiles per process, as before."""
+    for module in (umap.umap_, umap.layouts, umap.utils, umap.distances, umap.sparse):
+        for function in vars(module).values():
+            if isinstance(function, CPUDispatcher):
+                try:
+                    function.enable_caching()
+                except RuntimeError:  # "cannot cache function ...: no locator available"
+                    pass
+
+
+_cache_umap_compilation()
 
 
 def initial_partition(

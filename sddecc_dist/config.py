@@ -198,6 +198,11 @@ class TrainConfig:
              "start: the initial partition itself (cross-entropy)")
     joint_aux_batch_size: int = param(1024, min=2, help="reconstruction and MI of a joint step are estimated on "
                                                         "this many random nodes of the batch (unbiased)")
+    joint_encoder_nodes: int = param(
+        0, min=0, help="a joint step's encoder gradient comes from this many random nodes of the batch, the other "
+                       "nodes' codes from a no-grad pass (0: every node, the exact gradient). Bounds the joint "
+                       "phase's memory and time for large full-graph batches: an unbiased estimate of the "
+                       "encoder's gradient, the loss's value unchanged")
     kmeans_n_init: int = param(20, min=1, help="k-means restarts of the k-means start")
     center_init_smoothing: int = param(4, min=0, help="the start partitions the codes smoothed t times over the "
                                                       "graph (Â^t Z)")

@@ -1,7 +1,8 @@
-"""The fast part of the generality suite (issue 23): `configs/default.yaml`, unchanged, on three
-sets nobody tuned it for, run by `scripts/generality.py --fast` as a user would run it.
+"""The fast part of the generality suite (issue 23): `configs/default.yaml`, unchanged, on sets
+nobody tuned it for, run by `scripts/generality.py` as a user would run it.
 
-- digits: scikit-learn's 8x8 digits, N = 1 797, K = 10;
+- digits: scikit-learn's 8x8 digits, N = 1 797, K = 10, is the README's quickstart; CI checks
+  it in tests/test_train.py (`test_quickstart_uses_every_cluster_and_beats_raw_kmeans`);
 - usps-2000: 2 000 USPS images, 16x16, K = 10 (from ../shared/datasets/usps);
 - k40: 400 images of 40 classes (10 digits and 10 garments, each upright and turned 90°), 28x28.
 
@@ -9,7 +10,7 @@ On each: no collapse (every one of the K clusters used, no degenerate-result war
 cluster holding more than three times its share of these balanced sets), and ACC above raw-pixel k-means
 by a margin. Labels are read by the scorer only; the run is the recipe's final epoch.
 
-About 5 minutes on a 2-core machine: marked `suite`, which the default `python -m pytest`
+About 3 minutes on a 2-core machine: marked `suite`, which the default `python -m pytest`
 deselects (pyproject.toml) so that CI stays within its 15 minutes; `python -m pytest -m suite`
 runs it."""
 
@@ -22,18 +23,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
-# Measured margins over raw k-means (docs/generality.md, seed 0): digits +0.07, usps-2000
-# +0.24, k40 +0.06. A recipe that only matched k-means would fail here.
+# Measured margins over raw k-means (docs/generality.md, seed 0): usps-2000 +0.26, k40 +0.05.
+# A recipe that only matched k-means would fail here.
 MARGIN = 0.03
 
 
 @pytest.mark.suite
 def test_default_recipe_on_the_fast_sets_uses_every_cluster_and_beats_raw_kmeans(tmp_path):
-    out = subprocess.run([sys.executable, "scripts/generality.py", "--fast", "--seeds", "0", "--out", str(tmp_path),
-                          "--from", str(DATASETS)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([sys.executable, "scripts/generality.py", "--sets", "usps-2000", "k40", "--seeds", "0",
+                          "--out", str(tmp_path), "--from", str(DATASETS)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "generality.json").read_text())
-    assert sorted(results) == ["digits", "k40", "usps-2000"]
+    assert sorted(results) == ["k40", "usps-2000"]
     for name, row in results.items():
         run = row["runs"]["0"]
         recipe, kmeans = run["recipe"], run["baselines"]["kmeans"]

@@ -255,3 +255,66 @@ def test_the_start_term_is_the_cross_entropy_to_the_start():
     assert terms.total.item() == pytest.approx(p["recon"] + p["cluster_kl"] + 2.0 * p["start"], rel=1e-5)
     with pytest.raises(ValueError, match="start's labels"):
         model("joint", x, adjacency=adjacency, aux_index=torch.arange(5), loss_config=cfg)
+
+
+@pytest.mark.parametrize("gcn_features", ["pooled", "flatten"])
+def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_nodes_scaled(gcn_features):
+    """train.joint_encoder_nodes: the loss's value is the full pass's; the encoder's gradient is
+    N/|S| times the gradient through the nodes S alone (the others held fixed), an unbiased
+    estimate of the full gradient; every node in S gives the full gradient exactly."""
+    n = 20
+    neighbors = np.array([[(i + 1) % n, (i + 3) % n, (i + 7) % n] for i in range(n)])
+    adjacency = normalized_adjacency(neighbors, n)
+    torch.manual_seed(0)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features=gcn_features))
+    model.centers.data.normal_()
+    x = torch.rand(n, 1, 8, 8)
+    subset = torch.tensor([13, 2, 7, 19, 5, 0])
+
+    def grads(loss_config, hold_fixed_outside=None, **kwargs):
+        """(total, encoder gradient, centres' gradient) of one joint loss."""
+        model.zero_grad()
+        hook = None
+        if hold_fixed_outside is not None:  # the reference: rows outside S carry no gradient
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[hold_fixed_outside] = True
+
+            def detach_others(module, inputs, out):
+                fix = lambda t: torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, t.detach())  # noqa: E731
+                return type(out)([fix(f) for f in out.features], fix(out.mean), fix(out.logvar))
+            hook = model.encoder.register_forward_hook(detach_others)
+        terms, _ = model("joint", x, adjacency=adjacency, loss_config=loss_config, **kwargs)
+        terms.total.backward()
+        if hook is not None:
+            hook.remove()
+        encoder = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+        return terms.total.item(), encoder, model.centers.grad.clone()
+
+    # cluster terms only: the subset's gradient is N/|S| times the held-fixed reference
+    cfg = LossConfig(recon_weight=0.0, mi_weight=0.0, prior_kl=False, kl_weight=1.0)
+    total, encoder, centres = grads(cfg, aux_index=torch.arange(3), encoder_index=subset)
+    ref_total, ref_encoder, ref_centres = grads(cfg, hold_fixed_outside=subset, aux_index=subset[:3])
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    assert ref_encoder.abs().max() > 0
+    torch.testing.assert_close(encoder, ref_encoder * n / len(subset), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(centres, ref_centres, rtol=1e-4, atol=1e-6)
+
+    # every node in S (any order), with reconstruction: exactly the full pass
+    cfg = LossConfig(mi_weight=0.0, prior_kl=False, kl_weight=1.0)
+    every = torch.randperm(n)
+    total, encoder, centres = grads(cfg, aux_index=torch.arange(4), encoder_index=every)
+    ref_total, ref_encoder, ref_centres = grads(cfg, aux_index=every[:4])
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    torch.testing.assert_close(encoder, ref_encoder, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(centres, ref_centres, rtol=1e-4, atol=1e-6)
+
+
+def test_graph_encoding_keeps_what_the_gcn_reads_in_chunks():
+    torch.manual_seed(0)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features="pooled"))
+    x = torch.rand(10, 1, 8, 8)
+    whole, chunked = model.encode(x), model.graph_encoding(x, chunk_size=3)
+    assert [tuple(f.shape) for f in chunked.features] == [(10, 4, 1, 1), (10, 8, 1, 1)]
+    for a, b in zip(model.gcn_representations(whole), model.gcn_representations(chunked)):
+        torch.testing.assert_close(a, b)
+    assert not chunked.mean.requires_grad

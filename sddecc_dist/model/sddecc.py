@@ -76,6 +76,40 @@ class SDDECC(nn.Module):
         return self.encoder(x)
 
     @torch.no_grad()
+    def graph_encoding(self, x: torch.Tensor, chunk_size: int = 4096) -> EncoderOutput:
+        """The encoder's output for every image of `x`, without gradients, in chunks, keeping only
+        what the GCN and the clustering terms read: each feature map averaged over its locations
+        (as a 1x1 map) with model.gcn_features=pooled, whole otherwise; the code mean and
+        log-variance. A whole 28x28 map set is about 46 KB a sample; pooled, 0.9 KB."""
+        parts = [self.encode(x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
+        return EncoderOutput(
+            [torch.cat([self._gcn_view(part.features[layer]) for part in parts]) for layer in range(len(parts[0].features))],
+            torch.cat([part.mean for part in parts]), torch.cat([part.logvar for part in parts]))
+
+    def _gcn_view(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """What the GCN reads of one feature map, still a map: its mean over the locations with
+        pooled GCN features (the same values gcn_representations takes), else the map."""
+        return feature_map.mean((2, 3), keepdim=True) if self.pooled_gcn_features else feature_map
+
+    def spliced_encoding(self, x: torch.Tensor, encoder_index: torch.Tensor) -> tuple[EncoderOutput, EncoderOutput]:
+        """(the whole batch's encoding for the GCN and the clustering terms, the encoding of the
+        nodes `encoder_index` with every feature map). Only the nodes `encoder_index` go through
+        the encoder with gradients; the others come from a no-grad pass. Their rows carry the
+        gradient scaled by N / |encoder_index|, so that the encoder's gradient is an unbiased
+        estimate of the gradient through every node; the values are those of a full pass."""
+        part = self.encode(x[encoder_index])
+        whole = self.graph_encoding(x)
+        scale = len(x) / len(encoder_index)
+
+        def spliced(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            # value: `values`; gradient: scale times it (the detached term cancels in the value)
+            scaled = values * scale - values.detach() * (scale - 1.0)
+            return rows.index_put((encoder_index,), scaled)
+
+        features = [spliced(w, self._gcn_view(f)) for w, f in zip(whole.features, part.features)]
+        return EncoderOutput(features, spliced(whole.mean, part.mean), spliced(whole.logvar, part.logvar)), part
+
+    @torch.no_grad()
     def mean_codes(self, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:
         """Mean codes of every image, in chunks, on the CPU (no sampling: the code clustered)."""
         was_training = self.training
@@ -155,15 +189,23 @@ class SDDECC(nn.Module):
         loss_index: torch.Tensor | None = None,
         running_marginal: tuple[torch.Tensor, float] | None = None,
         start_labels: torch.Tensor | None = None,
+        encoder_index: torch.Tensor | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Eq. 19 on a graph batch: the clustering KL over the nodes `loss_index` of `x` (all
         when None), reconstruction and MI on the nodes `aux_index` (a random subset: an
         unbiased estimate that keeps the decoder and discriminators off the full batch).
         Every node of `x` goes through the encoder and GCN. `start_labels`: the start's cluster
-        of each scored node, for the start term. Returns the terms and Y (detached)."""
-        encoded = self.encode(x)
+        of each scored node, for the start term. `encoder_index`: only these nodes take the
+        encoder's gradient (`spliced_encoding`), and `aux_index` then counts positions in
+        `encoder_index`. Returns the terms and Y (detached)."""
+        if encoder_index is None:
+            encoded = self.encode(x)
+            aux_x, aux_encoded = x[aux_index], _rows(encoded, aux_index)
+        else:
+            encoded, part = self.spliced_encoding(x, encoder_index)
+            aux_x, aux_encoded = x[encoder_index[aux_index]], _rows(part, aux_index)
         y = self.cluster_probabilities(x, encoded, adjacency)
-        terms = self.ddecn_losses(x[aux_index], _rows(encoded, aux_index), loss_config)
+        terms = self.ddecn_losses(aux_x, aux_encoded, loss_config)
         terms.update(self._cluster_terms(encoded, y, self.centers, self._prior(loss_config), loss_config,
                                          loss_index, running_marginal, adjacency, start_labels))
         return self._weighted(terms, loss_config), y.detach()

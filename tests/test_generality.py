@@ -10,9 +10,8 @@ On each: no collapse (every one of the K clusters used, no degenerate-result war
 cluster holding more than three times its share of these balanced sets), and ACC above raw-pixel k-means
 by a margin. Labels are read by the scorer only; the run is the recipe's final epoch.
 
-About 3 minutes on a 2-core machine: marked `suite`, which the default `python -m pytest`
-deselects (pyproject.toml) so that CI stays within its 15 minutes; `python -m pytest -m suite`
-runs it."""
+The default `python -m pytest` (CI) runs k40; usps-2000 is marked `suite`, which it deselects
+(pyproject.toml) so that CI stays within its 15 minutes; `python -m pytest -m suite` runs it."""
 
 import json
 import subprocess
@@ -28,22 +27,23 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 MARGIN = 0.03
 
 
-@pytest.mark.suite
-def test_default_recipe_on_the_fast_sets_uses_every_cluster_and_beats_raw_kmeans(tmp_path):
-    out = subprocess.run([sys.executable, "scripts/generality.py", "--sets", "usps-2000", "k40", "--seeds", "0",
+# k40 is the set on which the old default collapsed to one cluster (issue 23): CI runs it
+# (about 75 s). usps-2000 (about 110 s) is marked `suite`: CI's 15 minutes cannot hold it too.
+@pytest.mark.parametrize("name", ["k40", pytest.param("usps-2000", marks=pytest.mark.suite)])
+def test_default_recipe_on_a_fast_set_uses_every_cluster_and_beats_raw_kmeans(name, tmp_path):
+    out = subprocess.run([sys.executable, "scripts/generality.py", "--sets", name, "--seeds", "0",
                           "--out", str(tmp_path), "--from", str(DATASETS)],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "generality.json").read_text())
-    assert sorted(results) == ["k40", "usps-2000"]
-    for name, row in results.items():
-        run = row["runs"]["0"]
-        recipe, kmeans = run["recipe"], run["baselines"]["kmeans"]
-        k = row["k"]
-        assert recipe["n_used_clusters"] == k, (name, recipe)
-        assert recipe["warnings"] == [], (name, recipe["warnings"])
-        assert recipe["health"]["size_max"] <= 3.0 / k, (name, recipe["health"])
-        assert recipe["acc"] >= kmeans["acc"] + MARGIN, (name, recipe["acc"], kmeans["acc"])
+    assert list(results) == [name]
+    row = results[name]
+    run = row["runs"]["0"]
+    recipe, kmeans = run["recipe"], run["baselines"]["kmeans"]
+    k = row["k"]
+    assert recipe["n_used_clusters"] == k, recipe
+    assert recipe["warnings"] == [], recipe["warnings"]
+    assert recipe["health"]["size_max"] <= 3.0 / k, recipe["health"]
+    assert recipe["acc"] >= kmeans["acc"] + MARGIN, (recipe["acc"], kmeans["acc"])
     # the table the README names is written beside the results
-    table = (tmp_path / "generality.md").read_text()
-    assert all(f"| {name} |" in table for name in results)
+    assert f"| {name} |" in (tmp_path / "generality.md").read_text()

@@ -22,7 +22,8 @@ QUICKSTART = ["configs/default.yaml", "data.source=digits"]
 def digits_run(tmp_path_factory):
     """The README's quickstart, in a temporary folder."""
     tmp = tmp_path_factory.mktemp("digits")
-    config = load_config(ROOT / QUICKSTART[0], [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
+    config = load_config(ROOT / QUICKSTART[0],
+                         [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
     return train(config), tmp
 
 

@@ -82,9 +82,10 @@ class SDDECC(nn.Module):
         (as a 1x1 map) with model.gcn_features=pooled, whole otherwise; the code mean and
         log-variance. A whole 28x28 map set is about 46 KB a sample; pooled, 0.9 KB."""
         parts = [self.encode(x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
-        return EncoderOutput(
-            [torch.cat([self._gcn_view(part.features[layer]) for part in parts]) for layer in range(len(parts[0].features))],
-            torch.cat([part.mean for part in parts]), torch.cat([part.logvar for part in parts]))
+        features = [torch.cat([self._gcn_view(part.features[layer]) for part in parts])
+                    for layer in range(len(parts[0].features))]
+        return EncoderOutput(features, torch.cat([part.mean for part in parts]),
+                             torch.cat([part.logvar for part in parts]))
 
     def _gcn_view(self, feature_map: torch.Tensor) -> torch.Tensor:
         """What the GCN reads of one feature map, still a map: its mean over the locations with

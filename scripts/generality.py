@@ -159,7 +159,8 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--sets", nargs="+", default=SETS, choices=SETS, metavar="SET")
     parser.add_argument("--fast", action="store_true",
-                        help=f"only the fast sets (tests/test_generality.py): {', '.join(FAST)}")
+                        help=f"only the fast part: {', '.join(FAST)} (digits: the quickstart's test; the "
+                             f"others: tests/test_generality.py)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--from", dest="from_dir", type=Path, default=ROOT.parent / "shared" / "datasets",
                         help="folder with usps/, mnist/, fashion-mnist/ raw files")

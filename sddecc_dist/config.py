@@ -168,10 +168,11 @@ class TrainConfig:
         256, min=1, help="global batch, split over processes and accumulation; auto: N/16 within [32, 256], "
                          "rounded down to a multiple of processes x accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
-    pretrain_lr_warmup_steps: int = param(0, min=0, help="the pretraining learning rate rises linearly over "
-                                                         "this many optimiser steps (0: none). At 64x64 the "
-                                                         "first steps at 1e-3 can kill the decoder's ReLUs "
-                                                         "(docs/generality.md)")
+    pretrain_lr_warmup_steps: int | Literal["auto"] = param(
+        0, min=0, help="the pretraining learning rate rises linearly over this many optimiser steps (0: none). "
+                       "auto: 200 steps when the encoder's top map holds more than 2048 numbers (64x64 inputs: "
+                       "8x8x128), none otherwise: at 64x64 the first steps at 1e-3 left the encoder's output "
+                       "constant (docs/generality.md)")
     pretrain_source: Literal["shards", "memory"] = param(
         "shards", help="where pretraining batches come from: streamed from the shards (webdataset; any N), or "
                        "cut from the images in memory (a copy of every image per process: for sets that fit)")
@@ -203,6 +204,11 @@ class TrainConfig:
                        "nodes' codes from a no-grad pass (0: every node, the exact gradient). Bounds the joint "
                        "phase's memory and time for large full-graph batches: an unbiased estimate of the "
                        "encoder's gradient, the loss's value unchanged")
+    joint_encoding_refresh: int = param(
+        1, min=1, help="with joint_encoder_nodes on the whole graph: the other nodes' no-grad codes are encoded "
+                       "again every this many steps and reused in between (1: every step, exact values). "
+                       "The joint rate is small, so codes a few steps old differ little, and the no-grad "
+                       "pass is most of a step's time at 70 000 images")
     kmeans_n_init: int = param(20, min=1, help="k-means restarts of the k-means start")
     center_init_smoothing: int = param(4, min=0, help="the start partitions the codes smoothed t times over the "
                                                       "graph (Â^t Z)")

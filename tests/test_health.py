@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from sddecc_dist.eval.health import cluster_health, degenerate_warnings
+from sddecc_dist.eval.health import cluster_health, degenerate_warnings, silhouette_ids
 
 
 def test_sizes_entropy_and_agreement_by_hand():
@@ -38,3 +38,17 @@ def test_degenerate_results_are_named():
                                                  "one cluster holds 100% of the samples"]
     healthy = cluster_health(np.arange(10) % 5, 5)
     assert degenerate_warnings(healthy, 5) == []
+
+
+def test_silhouette_needs_only_its_sample_codes_and_is_scikit_learns_sampled_one():
+    rng = np.random.default_rng(1)
+    assignments = rng.integers(0, 3, 500)
+    codes = rng.normal(0, 1, (500, 4)) + assignments[:, None]
+    expected = silhouette_score(codes, assignments, sample_size=100, random_state=7)
+    whole = cluster_health(assignments, 3, codes=codes, silhouette_sample=100, seed=7)
+    ids = silhouette_ids(500, 100, seed=7)
+    sampled = cluster_health(assignments, 3, codes=codes[ids], code_ids=ids, silhouette_sample=100, seed=7)
+    assert whole["silhouette"] == pytest.approx(expected, abs=1e-6)
+    assert sampled["silhouette"] == whole["silhouette"]
+    with pytest.raises(ValueError, match="code_ids"):
+        cluster_health(assignments, 3, codes=codes[ids[1:]], code_ids=ids[1:], silhouette_sample=100, seed=7)

@@ -1,4 +1,5 @@
-"""Layer-wise, chunked full-graph inference equals the GCN's whole-graph forward pass."""
+"""Layer-wise, chunked full-graph inference equals the GCN's whole-graph forward pass; the
+chunked mean codes (all, or a sorted subset) equal the encoder's."""
 
 import torch
 
@@ -8,7 +9,7 @@ from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import ensure_graph, prepare_dataset
 from sddecc_dist.train.distributed import make_accelerator
-from sddecc_dist.train.inference import node_share, predict_layerwise
+from sddecc_dist.train.inference import mean_codes, node_share, predict_layerwise
 
 
 def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
@@ -29,3 +30,10 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
         y = predict_layerwise(model, share, to_scipy_csr(adjacency), len(images), accelerator)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))
+        # the mean codes: of every node, and of a sorted subset (only those encoded)
+        with torch.no_grad():
+            codes = model.encode(images).mean
+        torch.testing.assert_close(mean_codes(model, share, len(images), accelerator), codes, rtol=1e-5, atol=1e-6)
+        subset = torch.arange(3, len(images), 7).numpy()
+        torch.testing.assert_close(mean_codes(model, share, len(images), accelerator, ids=subset), codes[subset],
+                                   rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import torch
 
 from sddecc_dist.config import LossConfig, ModelConfig, load_config
 from sddecc_dist.graph import normalized_adjacency
+from sddecc_dist.model.ddecn import EncoderOutput
 from sddecc_dist.model.sddecc import SDDECC
 
 
@@ -307,6 +308,26 @@ def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_
     assert total == pytest.approx(ref_total, rel=1e-5)
     torch.testing.assert_close(encoder, ref_encoder, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(centres, ref_centres, rtol=1e-4, atol=1e-6)
+
+    # train.joint_encoding_refresh: the other nodes' codes read from an earlier no-grad pass.
+    # Made with the same weights, it gives the same loss and gradients;
+    cfg = LossConfig(mi_weight=0.0, prior_kl=False, kl_weight=1.0)
+    background = model.graph_encoding(x)
+    fresh = grads(cfg, aux_index=torch.arange(3), encoder_index=subset)
+    reused = grads(cfg, aux_index=torch.arange(3), encoder_index=subset, background=background)
+    assert reused[0] == pytest.approx(fresh[0], rel=1e-6)
+    for got, expected in zip(reused[1:], fresh[1:]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # older, its values are those of the nodes outside S, and S's are fresh.
+    stale = EncoderOutput([f + 1.0 for f in background.features], background.mean + 1.0, background.logvar - 1.0)
+    encoded, _ = model.spliced_encoding(x, subset, stale)
+    outside = torch.tensor([i for i in range(n) if i not in subset.tolist()])
+    with torch.no_grad():
+        now = model.graph_encoding(x)
+    for got, old, new in zip([*encoded.features, encoded.mean, encoded.logvar],
+                             [*stale.features, stale.mean, stale.logvar], [*now.features, now.mean, now.logvar]):
+        torch.testing.assert_close(got[outside].detach(), old[outside])
+        torch.testing.assert_close(got[subset].detach(), new[subset], rtol=1e-5, atol=1e-6)
 
 
 def test_graph_encoding_keeps_what_the_gcn_reads_in_chunks():

@@ -81,9 +81,13 @@ class SDDECC(nn.Module):
         what the GCN and the clustering terms read: each feature map averaged over its locations
         (as a 1x1 map) with model.gcn_features=pooled, whole otherwise; the code mean and
         log-variance. A whole 28x28 map set is about 46 KB a sample; pooled, 0.9 KB."""
-        parts = [self.encode(x[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
-        features = [torch.cat([self._gcn_view(part.features[layer]) for part in parts])
-                    for layer in range(len(parts[0].features))]
+        # Each chunk is cut down to what the GCN reads before the next is encoded: holding every
+        # chunk's whole maps until the end would be the 46 KB a sample this is meant to avoid.
+        parts = []
+        for i in range(0, max(len(x), 1), chunk_size):  # an empty x: one empty chunk
+            part = self.encode(x[i : i + chunk_size])
+            parts.append(EncoderOutput([self._gcn_view(f) for f in part.features], part.mean, part.logvar))
+        features = [torch.cat([part.features[layer] for part in parts]) for layer in range(len(parts[0].features))]
         return EncoderOutput(features, torch.cat([part.mean for part in parts]),
                              torch.cat([part.logvar for part in parts]))
 
@@ -92,23 +96,35 @@ class SDDECC(nn.Module):
         pooled GCN features (the same values gcn_representations takes), else the map."""
         return feature_map.mean((2, 3), keepdim=True) if self.pooled_gcn_features else feature_map
 
-    def spliced_encoding(self, x: torch.Tensor, encoder_index: torch.Tensor) -> tuple[EncoderOutput, EncoderOutput]:
+    def spliced_encoding(self, x: torch.Tensor, encoder_index: torch.Tensor,
+                         background: EncoderOutput | None = None) -> tuple[EncoderOutput, EncoderOutput]:
         """(the whole batch's encoding for the GCN and the clustering terms, the encoding of the
         nodes `encoder_index` with every feature map). Only the nodes `encoder_index` go through
         the encoder with gradients; the others come from a no-grad pass. Their rows carry the
         gradient scaled by N / |encoder_index|, so that the encoder's gradient is an unbiased
-        estimate of the gradient through every node; the values are those of a full pass."""
+        estimate of the gradient through every node; the values are those of a full pass.
+        `background`: a `graph_encoding` of all of `x` made earlier, read for the other nodes
+        instead of encoding them now (its rows for `encoder_index` are replaced)."""
         part = self.encode(x[encoder_index])
-        whole = self.graph_encoding(x)
         scale = len(x) / len(encoder_index)
+        if background is None:
+            others = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            others[encoder_index] = False
+            others = others.nonzero().squeeze(1)
+            rest = self.graph_encoding(x[others])  # the other nodes only: each node is encoded once
 
-        def spliced(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            def _whole(rest_rows: torch.Tensor) -> torch.Tensor:
+                return rest_rows.new_empty((len(x), *rest_rows.shape[1:])).index_put_((others,), rest_rows)
+        else:
+            rest, _whole = background, (lambda rows: rows)
+
+        def spliced(rest_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             # value: `values`; gradient: scale times it (the detached term cancels in the value)
             scaled = values * scale - values.detach() * (scale - 1.0)
-            return rows.index_put((encoder_index,), scaled)
+            return _whole(rest_rows).index_put((encoder_index,), scaled)
 
-        features = [spliced(w, self._gcn_view(f)) for w, f in zip(whole.features, part.features)]
-        return EncoderOutput(features, spliced(whole.mean, part.mean), spliced(whole.logvar, part.logvar)), part
+        features = [spliced(r, self._gcn_view(f)) for r, f in zip(rest.features, part.features)]
+        return EncoderOutput(features, spliced(rest.mean, part.mean), spliced(rest.logvar, part.logvar)), part
 
     @torch.no_grad()
     def mean_codes(self, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:
@@ -191,6 +207,7 @@ class SDDECC(nn.Module):
         running_marginal: tuple[torch.Tensor, float] | None = None,
         start_labels: torch.Tensor | None = None,
         encoder_index: torch.Tensor | None = None,
+        background: EncoderOutput | None = None,
     ) -> tuple[LossTerms, torch.Tensor]:
         """Eq. 19 on a graph batch: the clustering KL over the nodes `loss_index` of `x` (all
         when None), reconstruction and MI on the nodes `aux_index` (a random subset: an
@@ -198,12 +215,13 @@ class SDDECC(nn.Module):
         Every node of `x` goes through the encoder and GCN. `start_labels`: the start's cluster
         of each scored node, for the start term. `encoder_index`: only these nodes take the
         encoder's gradient (`spliced_encoding`), and `aux_index` then counts positions in
-        `encoder_index`. Returns the terms and Y (detached)."""
+        `encoder_index`; `background`: the other nodes' codes from an earlier no-grad pass
+        (`spliced_encoding`). Returns the terms and Y (detached)."""
         if encoder_index is None:
             encoded = self.encode(x)
             aux_x, aux_encoded = x[aux_index], _rows(encoded, aux_index)
         else:
-            encoded, part = self.spliced_encoding(x, encoder_index)
+            encoded, part = self.spliced_encoding(x, encoder_index, background)
             aux_x, aux_encoded = x[encoder_index[aux_index]], _rows(part, aux_index)
         y = self.cluster_probabilities(x, encoded, adjacency)
         terms = self.ddecn_losses(aux_x, aux_encoded, loss_config)

@@ -107,13 +107,24 @@ def gather_labels(share: NodeShare, n: int, accelerator: Accelerator) -> np.ndar
 
 
 @torch.no_grad()
-def mean_codes(core: SDDECC, share: NodeShare, n: int, accelerator: Accelerator) -> torch.Tensor:
-    """Mean codes of every node (N, d) on every rank, each rank encoding its own share."""
+def mean_codes(core: SDDECC, share: NodeShare, n: int, accelerator: Accelerator,
+               ids: np.ndarray | None = None) -> torch.Tensor:
+    """Mean codes of every node (N, d), or of the nodes `ids` (sorted; (len(ids), d) in that
+    order), on every rank, each rank encoding the nodes of its own share."""
     was_training = core.training
     core.eval()
-    codes = torch.cat([core.encode(x.to(accelerator.device)).mean.float() for _, x, _ in share.chunks()])
+    wanted = None if ids is None else torch.from_numpy(np.asarray(ids))
+    codes, positions = [], []
+    for chunk_ids, x, _ in share.chunks():
+        if wanted is not None:  # only the wanted rows go through the encoder
+            place = torch.searchsorted(wanted, chunk_ids).clamp_max(len(wanted) - 1)
+            hit = wanted[place] == chunk_ids
+            x, chunk_ids = x[hit], place[hit]
+        codes.append(core.encode(x.to(accelerator.device)).mean.float())
+        positions.append(chunk_ids)
     core.train(was_training)
-    return gather_rows(accelerator, share.ids, codes, n).cpu()
+    rows = n if wanted is None else len(wanted)
+    return gather_rows(accelerator, torch.cat(positions), torch.cat(codes), rows).cpu()
 
 
 def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | None,

@@ -16,6 +16,7 @@ Labels never influence training or selection: they are only read to score the ru
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from rich.progress import Progress
 
 from sddecc_dist.config import Config, ConfigError, method_name
 from sddecc_dist.data import load_all, read_manifest
-from sddecc_dist.eval.health import cluster_health, degenerate_warnings
+from sddecc_dist.eval.health import cluster_health, degenerate_warnings, silhouette_ids
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import prepare_dataset
@@ -92,8 +93,11 @@ class Training:
 
     def health(self, assignments: np.ndarray, start: np.ndarray | None) -> dict:
         """Label-free figures of an assignment (eval/health.py), on every rank alike."""
-        codes = inference.mean_codes(self.core, self.share, self.n, self.accelerator).numpy()
-        return cluster_health(assignments, self.n_clusters, start=start, codes=codes, seed=self.config.seed)
+        # Only the silhouette's sample is encoded: 2000 images, not N, at every logged epoch.
+        ids = silhouette_ids(self.n, seed=self.config.seed)
+        codes = inference.mean_codes(self.core, self.share, self.n, self.accelerator, ids=ids).numpy()
+        return cluster_health(assignments, self.n_clusters, start=start, codes=codes, code_ids=ids,
+                              seed=self.config.seed)
 
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -191,13 +195,17 @@ def train(config: Config) -> dict:
 def _pretrain(t: Training) -> None:
     """DDECN on minibatches: Eq. 12 + 13 (reconstruction, λ1 · MI, λ2 · prior KL)."""
     cfg, at, batches = t.config.train, t.state.position, t.pretrain
+    warmup_steps = pretrain_warmup_steps(cfg.pretrain_lr_warmup_steps, t.core.encoder.feature_shapes[-1])
+    if warmup_steps and cfg.pretrain_lr_warmup_steps == "auto":
+        log(f"pretraining learning rate warmed up over {warmup_steps} steps (top map "
+            f"{'x'.join(map(str, t.core.encoder.feature_shapes[-1]))})")
     task = t.progress.add_task("pretrain", total=batches.epochs, completed=at.epoch, status="")
     for epoch in range(at.epoch, batches.epochs):
         epoch_start, sums, seen = time.time(), {}, 0
         for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
             # From the position alone, so that a resumed run continues the warm-up.
             done = (epoch * batches.steps_per_epoch + step) // cfg.gradient_accumulation_steps
-            lr = warmed_up_lr(cfg.pretrain_lr, done, cfg.pretrain_lr_warmup_steps)
+            lr = warmed_up_lr(cfg.pretrain_lr, done, warmup_steps)
             _set_learning_rates(t.optimizer, ddecn=lr, head=0.0)
             with t.accelerator.accumulate(t.model):
                 # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
@@ -265,6 +273,9 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
     # batches): one forward for the warm-up instead of one per step. Same values, as the
     # encoder's weights do not change and it has no dropout or batch statistics.
     frozen_encoding = None
+    # With joint_encoder_nodes on the whole graph: the other nodes' no-grad codes, encoded again
+    # every joint_encoding_refresh steps (and after a resume), read in between.
+    background, background_age = None, 0
     task = t.progress.add_task("joint", total=joint_epochs, completed=at.epoch, status="")
     pending_line = None
     for epoch in range(at.epoch, joint_epochs):
@@ -285,6 +296,10 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
                     kwargs["encoder_index"] = torch.randperm(len(batch.ids))[:cfg.joint_encoder_nodes].to(device)
                     kwargs["aux_index"] = torch.arange(min(cfg.joint_aux_batch_size, cfg.joint_encoder_nodes),
                                                        device=device)
+                    if cfg.joint_encoding_refresh > 1 and len(batch.ids) == t.n:  # the same nodes every step
+                        if background is None or background_age >= cfg.joint_encoding_refresh:
+                            background, background_age = t.core.graph_encoding(batch.images), 0
+                        kwargs["background"], background_age = background, background_age + 1
             # The scored nodes' clusters in the start: the warm-up's target (head_warmup_target=start),
             # the joint phase's start term.
             if not warm_up or cfg.head_warmup_target == "start":
@@ -424,6 +439,21 @@ def _set_aside_previous(run: RunFolder, accelerator: Accelerator) -> None:
             f"moved to {RunFolder.PREVIOUS_CHECKPOINTS}/ (use --resume to continue a run instead)")
         run.set_aside_checkpoints()
     accelerator.wait_for_everyone()
+
+
+# train.pretrain_lr_warmup_steps=auto: a warm-up only for an encoder whose top map is larger
+# than the 4x4x128 that 8- to 32-pixel inputs give. At 64x64 (8x8x128) the first full-rate Adam
+# steps left the encoder's output constant (reconstruction stuck at the mean image, MI at
+# log 4); 200 warm-up steps learn. On the smaller sizes a warm-up was not needed and did not
+# help (docs/generality.md).
+AUTO_WARMUP_STEPS, AUTO_WARMUP_ABOVE = 200, 2048
+
+
+def pretrain_warmup_steps(setting: int | str, top_map: tuple[int, ...]) -> int:
+    """The pretraining warm-up's length: the setting, or with `auto` from the top map's size."""
+    if setting != "auto":
+        return int(setting)
+    return AUTO_WARMUP_STEPS if math.prod(top_map) > AUTO_WARMUP_ABOVE else 0
 
 
 def warmed_up_lr(lr: float, optimiser_step: int, warmup_steps: int) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -28,12 +27,9 @@ from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import ensure_graph
 from sddecc_dist.run_folder import read_model_file
+from sddecc_dist.utils import peak_memory_mib
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:
@@ -56,11 +52,11 @@ def main() -> None:
     model.load_state_dict({"cluster_prior": model.cluster_prior, **saved["model"]})
     start_labels = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(0))
     common = {"adjacency": adjacency, "loss_config": config.loss, "start_labels": start_labels}
-    print(f"{n} images {tuple(manifest['image_shape'])}, peak {peak_rss_mib():.0f} MiB")
+    print(f"{n} images {tuple(manifest['image_shape'])}, peak {peak_memory_mib():.0f} MiB")
 
     started = time.time()
     encoding = model.graph_encoding(images)
-    print(f"graph_encoding of {n}: {time.time() - started:.2f} s, peak {peak_rss_mib():.0f} MiB")
+    print(f"graph_encoding of {n}: {time.time() - started:.2f} s, peak {peak_memory_mib():.0f} MiB")
 
     def timed(what: str, phase: str, **kwargs) -> None:
         for _ in range(args.repeats):
@@ -70,7 +66,7 @@ def main() -> None:
             forward = time.time() - started
             terms.total.backward()
             print(f"{what}: forward {forward:.2f} s, backward {time.time() - started - forward:.2f} s, "
-                  f"peak {peak_rss_mib():.0f} MiB")
+                  f"peak {peak_memory_mib():.0f} MiB")
 
     timed("head step", "head", encoded=encoding)
     nodes = min(config.train.joint_encoder_nodes or n, n)

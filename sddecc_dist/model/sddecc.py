@@ -107,24 +107,22 @@ class SDDECC(nn.Module):
         instead of encoding them now (its rows for `encoder_index` are replaced)."""
         part = self.encode(x[encoder_index])
         scale = len(x) / len(encoder_index)
-        if background is None:
+        if background is None:  # encode the other nodes only (each node once); S's rows are set below
             others = torch.ones(len(x), dtype=torch.bool, device=x.device)
             others[encoder_index] = False
             others = others.nonzero().squeeze(1)
-            rest = self.graph_encoding(x[others])  # the other nodes only: each node is encoded once
+            rest = self.graph_encoding(x[others])
+            spread = lambda rows: rows.new_empty((len(x), *rows.shape[1:])).index_put_((others,), rows)  # noqa: E731
+            background = EncoderOutput([spread(f) for f in rest.features], spread(rest.mean), spread(rest.logvar))
 
-            def _whole(rest_rows: torch.Tensor) -> torch.Tensor:
-                return rest_rows.new_empty((len(x), *rest_rows.shape[1:])).index_put_((others,), rest_rows)
-        else:
-            rest, _whole = background, (lambda rows: rows)
-
-        def spliced(rest_rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        def spliced(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             # value: `values`; gradient: scale times it (the detached term cancels in the value)
             scaled = values * scale - values.detach() * (scale - 1.0)
-            return _whole(rest_rows).index_put((encoder_index,), scaled)
+            return rows.index_put((encoder_index,), scaled)
 
-        features = [spliced(r, self._gcn_view(f)) for r, f in zip(rest.features, part.features)]
-        return EncoderOutput(features, spliced(rest.mean, part.mean), spliced(rest.logvar, part.logvar)), part
+        features = [spliced(b, self._gcn_view(f)) for b, f in zip(background.features, part.features)]
+        return EncoderOutput(features, spliced(background.mean, part.mean),
+                             spliced(background.logvar, part.logvar)), part
 
     @torch.no_grad()
     def mean_codes(self, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:

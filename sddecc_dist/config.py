@@ -101,6 +101,16 @@ class ModelConfig:
     global_disc_hidden: int = param(256, min=1, help="T1's hidden width (Deep InfoMax, 3 hidden layers)")
     local_disc_hidden: int = param(128, min=1, help="T2's hidden width (three 1x1 convs)")
     delta: float = param(0.5, min=0.0, max=1.0, help="transfer operator of Eq. 15")
+    decoder_output: Literal["sigmoid", "linear"] = param(
+        "sigmoid", paper="sigmoid", departure="{} decoder output", joint_only=False,
+        help="the decoder's last activation. sigmoid: outputs in [0, 1], which saturate (and stop learning) "
+             "when the code grows large; linear: DCEC's, N2D's and DEC-DA's, never saturates (docs/method.md)")
+    input_view: Literal["raw", "sobel", "auto"] = param(
+        "raw", paper="raw", departure="{} input view", joint_only=False,
+        help="what the encoder, the decoder's target and the GCN see of an image: the pixels (raw), or the "
+             "magnitude of their Sobel gradient over all channels, scaled to a maximum of 1 per image "
+             "(sobel: blind to colour and contrast, as DeepCluster and IIC feed their networks); auto: "
+             "sobel for 3-channel images, raw otherwise. The kNN graph stays over the raw pixels")
     use_gcn: bool = param(True, help="False: p(y|z) from a linear head on the code (ablations without GCN)")
     gcn_features: Literal["flatten", "pooled"] = param(
         "flatten", help="what each GCN layer takes of its encoder layer (Eq. 15's Z): the flattened feature map "
@@ -168,11 +178,8 @@ class TrainConfig:
         256, min=1, help="global batch, split over processes and accumulation; auto: N/16 within [32, 256], "
                          "rounded down to a multiple of processes x accumulation")
     pretrain_lr: float = param(1e-3, min=0.0, help="Adam learning rate of pretraining")
-    pretrain_lr_warmup_steps: int | Literal["auto"] = param(
-        0, min=0, help="the pretraining learning rate rises linearly over this many optimiser steps (0: none). "
-                       "auto: 200 steps when the encoder's top map holds more than 2048 numbers (64x64 inputs: "
-                       "8x8x128), none otherwise: at 64x64 the first steps at 1e-3 left the encoder's output "
-                       "constant (docs/generality.md)")
+    pretrain_lr_warmup_steps: int = param(
+        0, min=0, help="the pretraining learning rate rises linearly over this many optimiser steps (0: none)")
     pretrain_source: Literal["shards", "memory"] = param(
         "shards", help="where pretraining batches come from: streamed from the shards (webdataset; any N), or "
                        "cut from the images in memory (a copy of every image per process: for sets that fit)")

@@ -1,6 +1,7 @@
 """Layer-wise, chunked full-graph inference equals the GCN's whole-graph forward pass; the
 chunked mean codes (all, or a sorted subset) equal the encoder's."""
 
+import pytest
 import torch
 
 from sddecc_dist.config import load_config
@@ -12,9 +13,11 @@ from sddecc_dist.train.distributed import make_accelerator
 from sddecc_dist.train.inference import mean_codes, node_share, predict_layerwise
 
 
-def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path):
+@pytest.mark.parametrize("view", ["raw", "sobel"])  # sobel: the GCN's first layer reads the view, not the pixels
+def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view):
     prepare_dataset("digits", tmp_path, samples_per_shard=500)
-    config = load_config("configs/digits.yaml", [f"data_dir={tmp_path}", "train.inference_batch_size=128"])
+    config = load_config("configs/digits.yaml", [f"data_dir={tmp_path}", "train.inference_batch_size=128",
+                                                 f"model.input_view={view}"])
     manifest = read_manifest(tmp_path)
     images, labels = load_all(tmp_path, manifest)
     adjacency = ensure_graph(tmp_path, 3, images)

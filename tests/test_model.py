@@ -242,6 +242,31 @@ def test_pretraining_reconstructs_the_given_target():
     assert terms.parts["recon"] == pytest.approx(0.5 * x_hat.pow(2).flatten(1).sum(1).mean().item(), rel=1e-5)
 
 
+def test_linear_decoder_output_keeps_its_gradient_where_the_sigmoid_saturates():
+    """model.decoder_output: the same weights give sigmoid(a) and a. In MNIST-5000's seed-1
+    stall the sigmoid's outputs all sat at 0 (the reconstruction stuck at 1/2 sum x^2 = 43.96
+    for 40 epochs, the code grown to |z| ~ 70): the reconstruction sent nothing back. The linear
+    output's gradient is x_hat - x, whatever the pre-activation."""
+    torch.manual_seed(0)
+    sigmoid = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    with torch.no_grad():
+        sigmoid.decoder.deconvs[-1].bias.fill_(-30.0)  # every output pixel saturated at 0
+    linear = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, decoder_output="linear"))
+    linear.load_state_dict(sigmoid.state_dict())
+    z, x = torch.randn(4, 3), torch.rand(4, 1, 8, 8)
+    assert torch.allclose(sigmoid.decoder(z), torch.sigmoid(linear.decoder(z)))
+    gradient = {}
+    for name, model in (("sigmoid", sigmoid), ("linear", linear)):
+        x_hat = model.decoder(z)
+        (0.5 * (x - x_hat).pow(2).flatten(1).sum(1).mean()).backward()
+        gradient[name] = model.decoder.fc.weight.grad.abs().sum().item()
+    assert gradient["linear"] > 0 and gradient["sigmoid"] < 1e-9 * gradient["linear"]
+    # the linear output's gradient with respect to x_hat is exactly (x_hat - x) / B
+    x_hat = linear.decoder(z).detach().requires_grad_(True)
+    (0.5 * (x - x_hat).pow(2).flatten(1).sum(1).mean()).backward()
+    assert torch.allclose(x_hat.grad, (x_hat - x) / len(x))
+
+
 def test_the_start_term_is_the_cross_entropy_to_the_start():
     n = 20
     adjacency, model, x = _small_graph_model(n)
@@ -339,3 +364,51 @@ def test_graph_encoding_keeps_what_the_gcn_reads_in_chunks():
     for a, b in zip(model.gcn_representations(whole), model.gcn_representations(chunked)):
         torch.testing.assert_close(a, b)
     assert not chunked.mean.requires_grad
+
+
+def test_sobel_view_is_the_gradient_magnitude_over_channels_scaled_to_one():
+    """model.input_view=sobel against scipy's Sobel filters (replicated border): sqrt of the
+    sum over channels of both directions' squares, divided by the image's largest value."""
+    from scipy import ndimage
+
+    from sddecc_dist.model.ddecn import ImageView
+
+    x = torch.rand(2, 3, 9, 7)
+    view = ImageView("sobel")(x)
+    assert view.shape == (2, 1, 9, 7)
+    for b in range(2):
+        squares = sum(ndimage.sobel(x[b, c].double().numpy(), axis=axis, mode="nearest") ** 2
+                      for c in range(3) for axis in (0, 1))
+        expected = np.sqrt(squares) / np.sqrt(squares).max()
+        np.testing.assert_allclose(view[b, 0].numpy(), expected, atol=1e-5)
+    assert ImageView("raw")(x) is x
+
+
+def test_sobel_view_of_a_digit_does_not_depend_on_its_colours():
+    """Coloured MNIST's images are x * ink + (1 - x) * paper per channel: every colour pair gives
+    the grey digit's own view, so the networks cannot cluster the colours."""
+    from sddecc_dist.model.ddecn import ImageView
+
+    torch.manual_seed(0)
+    grey = (torch.rand(4, 1, 12, 12) > 0.6).float()
+    view = ImageView("sobel")
+    for _ in range(3):
+        ink, paper = torch.rand(4, 3, 1, 1), torch.rand(4, 3, 1, 1)
+        assert torch.allclose(view(grey * ink + (1 - grey) * paper), view(grey), atol=1e-4)
+
+
+def test_auto_input_view_is_sobel_for_rgb_only():
+    """model.input_view=auto: a 3-channel image set is seen through the sobel view (one
+    channel for the encoder, the decoder and the GCN's input), a grey one as it is."""
+    config = ModelConfig(channels=[4, 8], latent_dim=3, input_view="auto")
+    rgb, grey = SDDECC((3, 8, 8), 3, config), SDDECC((1, 8, 8), 3, config)
+    assert (rgb.input_view.view, grey.input_view.view) == ("sobel", "raw")
+    assert rgb.encoder.convs[0].in_channels == 1 and rgb.gcn.hidden[0].in_features == 64
+    x = torch.rand(5, 3, 8, 8)
+    encoded = rgb.encode(x)
+    assert torch.allclose(encoded.mean, rgb.encoder(rgb.input_view(x)).mean)
+    terms = rgb("pretrain", x, loss_config=LossConfig(mi_weight=0.0, prior_kl=False))
+    x_hat = rgb.decoder(encoded.mean)
+    assert x_hat.shape == (5, 1, 8, 8)
+    expected = 0.5 * (rgb.input_view(x) - x_hat).pow(2).flatten(1).sum(1).mean().item()
+    assert terms.parts["recon"] == pytest.approx(expected, rel=1e-5)

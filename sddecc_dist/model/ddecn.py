@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import kornia
 import torch
 from torch import nn
 
@@ -17,6 +18,31 @@ class EncoderOutput:
     features: list[torch.Tensor]  # each encoder layer's activation map, (B, C_l, H_l, W_l)
     mean: torch.Tensor  # (B, d)
     logvar: torch.Tensor  # (B, d)
+
+
+class ImageView(nn.Module):
+    """What the networks see of an image batch (model.input_view). `raw`: the pixels. `sobel`:
+    one channel, the magnitude of the Sobel gradient over every channel, divided by its largest
+    value in the image. A digit drawn in any colour on any background has the same sobel view
+    (the gradient scales with the ink-paper difference, and the division removes the scale), so
+    clusters cannot form around colours; DeepCluster and IIC feed their networks Sobel filters
+    for the same reason."""
+
+    def __init__(self, view: str):
+        super().__init__()
+        if view not in ("raw", "sobel"):
+            raise ValueError(f"unknown input view {view!r}: raw or sobel")
+        self.view = view
+
+    def output_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(image_shape) if self.view == "raw" else (1, *image_shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.view == "raw":
+            return x
+        gradient = kornia.filters.spatial_gradient(x, mode="sobel")  # (B, C, 2, H, W)
+        magnitude = gradient.pow(2).sum((1, 2)).add(1e-12).sqrt().unsqueeze(1)  # (B, 1, H, W)
+        return magnitude / magnitude.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
 
 
 class ConvEncoder(nn.Module):
@@ -58,11 +84,13 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of the encoder (Decoder-1 = Encoder-4 ... in Table 2); sigmoid output in [0, 1]."""
+    """Mirror of the encoder (Decoder-1 = Encoder-4 ... in Table 2); `output`: "sigmoid" (in [0, 1])
+    or "linear"."""
 
-    def __init__(self, image_shape, feature_shapes, kernel_sizes, strides, latent_dim):
+    def __init__(self, image_shape, feature_shapes, kernel_sizes, strides, latent_dim, output: str = "sigmoid"):
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.output = output
         self.top_shape = feature_shapes[-1]
         self.fc = nn.Linear(latent_dim, int(torch.tensor(self.top_shape).prod()))
         # Output shapes in decoding order: the encoder's feature shapes reversed, then the image.
@@ -81,8 +109,9 @@ class ConvDecoder(nn.Module):
         for i, (deconv, size) in enumerate(zip(self.deconvs, self.output_sizes)):
             # output_size resolves the stride ambiguity (e.g. 7 -> 4 -> 7 on MNIST).
             x = deconv(x, output_size=size)
-            x = torch.sigmoid(x) if i == len(self.deconvs) - 1 else torch.relu(x)
-        return x
+            if i < len(self.deconvs) - 1:
+                x = torch.relu(x)
+        return torch.sigmoid(x) if self.output == "sigmoid" else x
 
 
 class GlobalDiscriminator(nn.Module):

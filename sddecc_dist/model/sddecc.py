@@ -20,6 +20,7 @@ from sddecc_dist.model.ddecn import (
     ConvEncoder,
     EncoderOutput,
     GlobalDiscriminator,
+    ImageView,
     LocalDiscriminator,
     reparameterize,
 )
@@ -38,10 +39,16 @@ class SDDECC(nn.Module):
         self.image_shape = tuple(image_shape)
         self.n_clusters = n_clusters
         d = config.latent_dim
-        strides = auto_strides(image_shape, len(config.channels)) if config.strides == "auto" else config.strides
-        self.encoder = ConvEncoder(image_shape, config.channels, config.kernel_sizes, strides, d)
+        view = config.input_view
+        if view == "auto":
+            view = "sobel" if self.image_shape[0] == 3 else "raw"
+        # The encoder, the decoder's target and the GCN's first layer see the view, not the image.
+        self.input_view = ImageView(view)
+        seen_shape = self.input_view.output_shape(self.image_shape)
+        strides = auto_strides(seen_shape, len(config.channels)) if config.strides == "auto" else config.strides
+        self.encoder = ConvEncoder(seen_shape, config.channels, config.kernel_sizes, strides, d)
         shapes = self.encoder.feature_shapes
-        self.decoder = ConvDecoder(image_shape, shapes, config.kernel_sizes, strides, d)
+        self.decoder = ConvDecoder(seen_shape, shapes, config.kernel_sizes, strides, d, config.decoder_output)
         n_layers = len(shapes)
         self.local_layer = (config.local_layer or math.ceil(n_layers / 2)) - 1  # 0-based
         self.global_disc = GlobalDiscriminator(math.prod(shapes[-1]), d, config.global_disc_hidden)
@@ -50,7 +57,7 @@ class SDDECC(nn.Module):
         self.pooled_gcn_features = config.gcn_features == "pooled"
         if config.use_gcn:
             dims = [s[0] if self.pooled_gcn_features else math.prod(s) for s in shapes] + [d]
-            self.gcn = GCN(math.prod(image_shape), dims, n_clusters, config.delta)
+            self.gcn = GCN(math.prod(seen_shape), dims, n_clusters, config.delta)
         else:
             # Ablations without structure: p(y|z) from a linear softmax head on the code.
             self.cluster_head = nn.Linear(d, n_clusters)
@@ -73,7 +80,7 @@ class SDDECC(nn.Module):
 
     # ---- pieces -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> EncoderOutput:
-        return self.encoder(x)
+        return self.encoder(self.input_view(x))
 
     @torch.no_grad()
     def graph_encoding(self, x: torch.Tensor, chunk_size: int = 4096) -> EncoderOutput:
@@ -142,7 +149,11 @@ class SDDECC(nn.Module):
             return torch.softmax(self.cluster_head(encoded.mean), dim=1)
         if adjacency is None:
             raise ValueError("the GCN needs the normalised adjacency of the samples it is given")
-        return self.gcn(x.flatten(1), self.gcn_representations(encoded), adjacency)
+        return self.gcn(self.gcn_input(x), self.gcn_representations(encoded), adjacency)
+
+    def gcn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """H^(0) of the GCN (Eq. 14): the images as the networks see them (model.input_view), flat."""
+        return self.input_view(x).flatten(1)
 
     def gcn_representations(self, encoded: EncoderOutput) -> list[torch.Tensor]:
         """Z^(1..L+1) for the GCN: each encoder feature map (flattened, or averaged over its
@@ -161,7 +172,8 @@ class SDDECC(nn.Module):
         # AE+K-means: mean log-variance 41.7 after 2 epochs, reconstruction frozen). Such a model
         # is a plain autoencoder, as the paper's ConvAE and AE baselines are: decode the mean.
         z = reparameterize(encoded.mean, encoded.logvar) if loss_config.uses_prior_kl else encoded.mean
-        terms = {"recon": losses.reconstruction_loss(x if target is None else target, self.decoder(z))}
+        target = self.input_view(x if target is None else target)
+        terms = {"recon": losses.reconstruction_loss(target, self.decoder(z))}
         if loss_config.mi_weight > 0 and loss_config.global_mi:
             top = encoded.features[-1]
             positive = self.global_disc(top, z)

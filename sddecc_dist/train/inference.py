@@ -83,7 +83,7 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
             x = x.to(device)
             z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
             h_chunk = h[offset:offset + len(chunk_ids)] if h is not None else None
-            parts.append(gcn.layer_input(layer, x.flatten(1), h_chunk, z).float())
+            parts.append(gcn.layer_input(layer, core.gcn_input(x), h_chunk, z).float())
             offset += len(chunk_ids)
         h = propagate(own_rows, gather_rows(accelerator, share.ids, torch.cat(parts), n))
         if layer < gcn.n_layers - 1:

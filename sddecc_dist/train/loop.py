@@ -16,7 +16,6 @@ Labels never influence training or selection: they are only read to score the ru
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -195,17 +194,13 @@ def train(config: Config) -> dict:
 def _pretrain(t: Training) -> None:
     """DDECN on minibatches: Eq. 12 + 13 (reconstruction, λ1 · MI, λ2 · prior KL)."""
     cfg, at, batches = t.config.train, t.state.position, t.pretrain
-    warmup_steps = pretrain_warmup_steps(cfg.pretrain_lr_warmup_steps, t.core.encoder.feature_shapes[-1])
-    if warmup_steps and cfg.pretrain_lr_warmup_steps == "auto":
-        log(f"pretraining learning rate warmed up over {warmup_steps} steps (top map "
-            f"{'x'.join(map(str, t.core.encoder.feature_shapes[-1]))})")
     task = t.progress.add_task("pretrain", total=batches.epochs, completed=at.epoch, status="")
     for epoch in range(at.epoch, batches.epochs):
         epoch_start, sums, seen = time.time(), {}, 0
         for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
             # From the position alone, so that a resumed run continues the warm-up.
             done = (epoch * batches.steps_per_epoch + step) // cfg.gradient_accumulation_steps
-            lr = warmed_up_lr(cfg.pretrain_lr, done, warmup_steps)
+            lr = warmed_up_lr(cfg.pretrain_lr, done, cfg.pretrain_lr_warmup_steps)
             _set_learning_rates(t.optimizer, ddecn=lr, head=0.0)
             with t.accelerator.accumulate(t.model):
                 # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
@@ -297,6 +292,9 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
                     kwargs["aux_index"] = torch.arange(min(cfg.joint_aux_batch_size, cfg.joint_encoder_nodes),
                                                        device=device)
                     if cfg.joint_encoding_refresh > 1 and len(batch.ids) == t.n:  # the same nodes every step
+                        if background is None and frozen_encoding is not None:
+                            # the warm-up's pass is current: the encoder has not moved since
+                            background, background_age = frozen_encoding, 0
                         if background is None or background_age >= cfg.joint_encoding_refresh:
                             background, background_age = t.core.graph_encoding(batch.images), 0
                         kwargs["background"], background_age = background, background_age + 1
@@ -439,22 +437,6 @@ def _set_aside_previous(run: RunFolder, accelerator: Accelerator) -> None:
             f"moved to {RunFolder.PREVIOUS_CHECKPOINTS}/ (use --resume to continue a run instead)")
         run.set_aside_checkpoints()
     accelerator.wait_for_everyone()
-
-
-# train.pretrain_lr_warmup_steps=auto: a warm-up only for an encoder whose top map is larger
-# than the 4x4x128 that 8- to 32-pixel inputs give. At 64x64 (8x8x128) the first full-rate Adam
-# steps left the decoder's output constant (reconstruction stuck, MI at log 4); 200 warm-up
-# steps learn. On the fast sets up to 32x32 a warm-up everywhere cost ACC on three seeds, but
-# one seed of MNIST-5000 (28x28) stalled the same way without it (docs/generality.md): this
-# rule does not cover that case.
-AUTO_WARMUP_STEPS, AUTO_WARMUP_ABOVE = 200, 2048
-
-
-def pretrain_warmup_steps(setting: int | str, top_map: tuple[int, ...]) -> int:
-    """The pretraining warm-up's length: the setting, or with `auto` from the top map's size."""
-    if setting != "auto":
-        return int(setting)
-    return AUTO_WARMUP_STEPS if math.prod(top_map) > AUTO_WARMUP_ABOVE else 0
 
 
 def warmed_up_lr(lr: float, optimiser_step: int, warmup_steps: int) -> float:

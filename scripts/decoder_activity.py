@@ -23,33 +23,40 @@ from sddecc_dist.model import ddecn
 
 
 def watch(every: int, steps: int) -> None:
-    """Wrap ConvDecoder.forward: in training mode, every `every` calls up to `steps`, print the
-    code's mean |z|, the share of positive pre-activations of the first layer and of each hidden
-    transposed conv, and the share of output pixels the sigmoid would put below 1e-3."""
-    original = ddecn.ConvDecoder.forward
+    """Every `every` training-mode decoder calls up to `steps`, print the code's mean |z|, the
+    share of positive pre-activations of the first layer and of each hidden transposed conv,
+    and the share of output pixels the sigmoid would put below 1e-3. Read with forward hooks,
+    attached to each decoder as it is built, so the decoder's own forward runs unchanged."""
+    original_init = ddecn.ConvDecoder.__init__
     calls = 0
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        if self.training:
+    def init(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        seen: list[float] = []
+
+        def record(module, inputs, output) -> None:
+            if self.training:
+                seen.append((output > 0).float().mean().item() if module is not self.deconvs[-1]
+                            else (torch.sigmoid(output) < 1e-3).float().mean().item())
+
+        def report(module, inputs, output) -> None:
+            nonlocal calls
+            if not self.training:
+                return
             calls += 1
             if calls % every == 0 and calls <= steps:
-                with torch.no_grad():
-                    h = self.fc(z)
-                    active = [(h > 0).float().mean().item()]
-                    x = torch.relu(h).view(-1, *self.top_shape)
-                    for i, (deconv, size) in enumerate(zip(self.deconvs, self.output_sizes)):
-                        x = deconv(x, output_size=size)
-                        if i < len(self.deconvs) - 1:
-                            active.append((x > 0).float().mean().item())
-                            x = torch.relu(x)
-                    black = (torch.sigmoid(x) < 1e-3).float().mean().item()
-                print(f"step {calls}: mean |z| {z.abs().mean():.2f}, active "
+                *active, black = seen
+                print(f"step {calls}: mean |z| {inputs[0].abs().mean():.2f}, active "
                       f"{' '.join(f'{a:.3f}' for a in active)}, sigmoid(output) < 1e-3 on {black:.3f}",
                       flush=True)
-        return original(self, z)
+            seen.clear()
 
-    ddecn.ConvDecoder.forward = forward
+        self.fc.register_forward_hook(record)
+        for deconv in self.deconvs:
+            deconv.register_forward_hook(record)
+        self.register_forward_hook(report)
+
+    ddecn.ConvDecoder.__init__ = init
 
 
 def main() -> None:

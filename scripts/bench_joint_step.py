@@ -25,7 +25,7 @@ import torch
 from sddecc_dist.config import load_config
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.pipeline import ensure_graph, graph_view
 from sddecc_dist.run_folder import read_model_file
 from sddecc_dist.utils import peak_memory_mib
 
@@ -45,7 +45,8 @@ def main() -> None:
     config = load_config(args.config, [f"data_dir={args.data_dir}"])
     manifest = read_manifest(args.data_dir)
     images, _ = load_all(args.data_dir, manifest)
-    adjacency = ensure_graph(args.data_dir, config.graph.k, images, False, params=config.graph)
+    adjacency = ensure_graph(args.data_dir, config.graph.k, images, False, params=config.graph,
+                             view=graph_view(config, manifest))
     n, k = len(images), manifest.get("n_classes") or config.n_clusters
     model = SDDECC(tuple(manifest["image_shape"]), k, config.model)
     _, saved = read_model_file(args.model)

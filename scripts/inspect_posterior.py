@@ -15,7 +15,7 @@ import torch
 from sddecc_dist.data import load_all
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
-from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.pipeline import ensure_graph, graph_view
 from sddecc_dist.run_folder import load_model
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     config, manifest, model = trained.config, trained.manifest, trained.model
     model.eval()
     images, labels = load_all(config.data_dir, manifest)
-    adjacency = ensure_graph(config.data_dir, config.graph.k, images) if config.model.use_gcn else None
+    adjacency = ensure_graph(config.data_dir, config.graph.k, images, view=graph_view(config, manifest)) if config.model.use_gcn else None
     with torch.no_grad():
         encoded = model.encode(images)
         y = model.cluster_probabilities(images, encoded, adjacency)

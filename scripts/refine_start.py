@@ -27,7 +27,7 @@ from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.gcn import smooth
 from sddecc_dist.model.initial_partition import initial_partition
-from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.pipeline import ensure_graph, graph_view
 from sddecc_dist.run_folder import load_model
 
 REG_COVAR = 1e-6
@@ -84,7 +84,7 @@ def main() -> None:
     n_clusters = model.n_clusters
     images, labels = load_all(config.data_dir, manifest)
     labels = labels.numpy()
-    adjacency = ensure_graph(config.data_dir, config.graph.k, images)
+    adjacency = ensure_graph(config.data_dir, config.graph.k, images, view=graph_view(config, manifest))
     graph = to_scipy_csr(adjacency)
     codes = smooth(adjacency, model.mean_codes(images, "cpu"), args.smoothing).numpy().astype(np.float64)
 

@@ -21,8 +21,9 @@ from sddecc_dist.config import (
     add_arguments,
     from_arguments,
     load_config,
+    resolve_input_view,
 )
-from sddecc_dist.data import load_all
+from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.eval.baselines import kmeans_on_pixels
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
@@ -54,18 +55,32 @@ def run_train(args: argparse.Namespace) -> dict:
     return train(load_config(args.config, overrides))
 
 
+def _add_view_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--view", choices=["raw", "sobel", "auto"], default="raw",
+                        help="what the graph compares: the pixels (raw, the paper's), their Sobel gradient "
+                             "magnitude (sobel), or auto: sobel for 3-channel images. Training builds its graph "
+                             "over its model.input_view (configs/default.yaml: auto)")
+
+
 def _prepare(args) -> None:
     prepare_dataset(args.source, args.out, from_dir=args.from_dir, split=args.split,
                     size=args.size, samples_per_shard=args.samples_per_shard)
+
+
+def _view(args) -> str:
+    """--view, with auto decided as training decides model.input_view: by the images' channels."""
+    return resolve_input_view(args.view, read_manifest(args.data_dir)["image_shape"][0])
 
 
 def _graph(args) -> None:
     """Single process, or, under torchrun / accelerate launch with WORLD_SIZE > 1, one rank of
     a sharded build (each rank reads its share of the shards; rank 0 writes the artifact)."""
     params = from_arguments(GraphConfig, args)
+    view = _view(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        ensure_graph(args.data_dir, params.k, use_gpu=params.use_gpu, rebuild=args.rebuild, params=params)
+        ensure_graph(args.data_dir, params.k, use_gpu=params.use_gpu, rebuild=args.rebuild, params=params,
+                     view=view)
         return
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -77,7 +92,7 @@ def _graph(args) -> None:
         if dist.get_world_size() != world_size:
             raise ConfigError(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
         ensure_graph(args.data_dir, params.k, use_gpu=params.use_gpu, rebuild=args.rebuild, params=params,
-                     sharded=True)
+                     sharded=True, view=view)
     finally:
         if started_here:
             dist.destroy_process_group()
@@ -86,11 +101,13 @@ def _graph(args) -> None:
 def _partition(args) -> None:
     """METIS partitions of the kNN graph and the shards rewritten in partition order (the
     artifacts the Cluster-GCN sampler streams); the training run builds them itself if missing."""
+    view = _view(args)
     if args.rebuild:  # both artifacts go: the shards are tied to the partition they were made from
-        ensure_partitions(args.data_dir, args.k, args.parts, args.partition_method, args.seed, rebuild=True)
-        shutil.rmtree(partitioned_dir(args.data_dir, args.k, args.parts), ignore_errors=True)
+        ensure_partitions(args.data_dir, args.k, args.parts, args.partition_method, args.seed, rebuild=True,
+                          view=view)
+        shutil.rmtree(partitioned_dir(args.data_dir, args.k, args.parts, view), ignore_errors=True)
     out = ensure_partitioned_shards(args.data_dir, args.k, args.parts, args.partition_method,
-                                    args.partitions_per_shard, seed=args.seed)
+                                    args.partitions_per_shard, seed=args.seed, view=view)
     print(out)
 
 
@@ -151,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = commands.add_parser("graph", help="build the kNN graph artifact of a prepared folder")
     graph.add_argument("data_dir")
     add_arguments(graph, GraphConfig)
+    _add_view_argument(graph)
     graph.add_argument("--rebuild", action="store_true", help="replace an existing artifact")
     graph.add_argument("--backend", choices=["gloo", "nccl"],
                        help="torch.distributed backend when WORLD_SIZE > 1 (default: nccl if CUDA, else gloo)")
@@ -164,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(partition, TrainConfig, ["partition_method", "partitions_per_shard"],
                   {"partition_method": "--method"})
     add_arguments(partition, Config, ["seed"])
+    _add_view_argument(partition)
     partition.add_argument("--rebuild", action="store_true", help="replace existing artifacts")
     partition.set_defaults(func=_partition)
 

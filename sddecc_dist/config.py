@@ -88,6 +88,13 @@ class GraphConfig(IndexParams):
     use_gpu: bool | None = param(None, help="faiss-gpu when true; None: when a GPU is visible, else faiss-cpu")
 
 
+def resolve_input_view(view: str, channels: int) -> str:
+    """`raw` or `sobel`: a model.input_view with `auto` decided by the images' channel count."""
+    if view == "auto":
+        return "sobel" if channels == 3 else "raw"
+    return view
+
+
 @dataclass
 class ModelConfig:
     channels: list[int] = param(factory=lambda: [16, 32], min=1, help="encoder channels per layer (paper Table 2)")
@@ -110,7 +117,7 @@ class ModelConfig:
         help="what the encoder, the decoder's target and the GCN see of an image: the pixels (raw), or the "
              "magnitude of their Sobel gradient over all channels, scaled to a maximum of 1 per image "
              "(sobel: blind to colour and contrast, as DeepCluster and IIC feed their networks); auto: "
-             "sobel for 3-channel images, raw otherwise. The kNN graph stays over the raw pixels")
+             "sobel for 3-channel images, raw otherwise. The kNN graph is built over the same view")
     use_gcn: bool = param(True, help="False: p(y|z) from a linear head on the code (ablations without GCN)")
     gcn_features: Literal["flatten", "pooled"] = param(
         "flatten", help="what each GCN layer takes of its encoder layer (Eq. 15's Z): the flattened feature map "

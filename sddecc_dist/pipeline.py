@@ -5,6 +5,10 @@
     partition:  graph        -> partitions-k{k}-p{P}.npz                   (sddecc partition)
                 + shards     -> partitioned-k{k}-p{P}/shard-*.tar + dataset.json
 
+A graph over another view of the images than their pixels (model.input_view: sobel) is another
+artifact, with the view in its names: graph-k{k}-sobel.pt, partitions-k{k}-sobel-p{P}.npz and
+partitioned-k{k}-sobel-p{P}/.
+
 Each can be rerun alone; training calls them only for artifacts that are missing. Every
 artifact records the fingerprint of what it was made from, and one made from something else
 is refused with the command that rebuilds it, never silently reused. This module is the one
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sddecc_dist.config import IndexParams
+from sddecc_dist.config import Config, IndexParams, resolve_input_view
 from sddecc_dist.data import (
     load_all,
     load_source,
@@ -34,6 +38,7 @@ from sddecc_dist.data import (
 )
 from sddecc_dist.graph import (
     PARTITION_FORMAT_VERSION,
+    FeatureTransform,
     GraphError,
     build_graph,
     build_graph_sharded,
@@ -46,8 +51,15 @@ from sddecc_dist.graph import (
     save_graph,
     save_partitions,
     symmetric_adjacency,
+    transformed,
 )
+from sddecc_dist.model.ddecn import ImageView
 from sddecc_dist.utils import console
+
+GRAPH_VIEWS = ("raw", "sobel")
+# what the graph's metadata says it compared, per view
+_VIEW_FEATURES = {"raw": "raw pixels scaled to [0, 1]",
+                  "sobel": "Sobel gradient magnitude over the channels, scaled to a maximum of 1 per image"}
 
 
 def prepare_dataset(
@@ -69,19 +81,43 @@ def prepare_dataset(
     return manifest
 
 
-def graph_path(data_dir: str | Path, k: int) -> Path:
-    return Path(data_dir) / f"graph-k{k}.pt"
+def _graph_tag(k: int, view: str) -> str:
+    if view not in GRAPH_VIEWS:
+        raise GraphError(f"unknown graph view {view!r}: one of {', '.join(GRAPH_VIEWS)}")
+    return f"k{k}" if view == "raw" else f"k{k}-{view}"
 
 
-def _check_artifact(path: Path, data_dir: Path, manifest: dict, k: int, fingerprint: str) -> torch.Tensor:
+def graph_path(data_dir: str | Path, k: int, view: str = "raw") -> Path:
+    return Path(data_dir) / f"graph-{_graph_tag(k, view)}.pt"
+
+
+def graph_view(config: Config, manifest: dict) -> str:
+    """The view a training run's kNN graph is built over: its networks' (model.input_view)."""
+    return resolve_input_view(config.model.input_view, manifest["image_shape"][0])
+
+
+def view_transform(view: str) -> FeatureTransform | None:
+    """What the graph compares of an image batch: None for the pixels, else the networks' view
+    of them (model.ImageView), flattened."""
+    if view == "raw":
+        return None
+    image_view = ImageView(view)
+    return lambda images: image_view(images).flatten(1)
+
+
+def _check_artifact(path: Path, data_dir: Path, manifest: dict, k: int, view: str, fingerprint: str) -> torch.Tensor:
     adjacency, meta = load_graph(path)
     if meta.get("n") != manifest["count"] or meta.get("dataset_fingerprint") != fingerprint:
         raise GraphError(
             f"graph artifact {path} was built for other shards (n={meta.get('n')}, "
             f"fingerprint {str(meta.get('dataset_fingerprint'))[:12]}) than those in "
             f"{data_dir} (n={manifest['count']}, fingerprint {fingerprint[:12]}); "
-            f"rebuild it with: sddecc graph {data_dir} --k {k} --rebuild"
+            f"rebuild it with: sddecc graph {data_dir} --k {k} --view {view} --rebuild"
         )
+    # artifacts from before views were named have no "view": they are over raw pixels
+    if meta.get("view", "raw") != view:
+        raise GraphError(f"graph artifact {path} was built over the {meta.get('view')!r} view, not {view!r}; "
+                         f"rebuild it with: sddecc graph {data_dir} --k {k} --view {view} --rebuild")
     return adjacency
 
 
@@ -95,8 +131,10 @@ def ensure_graph(
     params: IndexParams | None = None,  # a config's GraphConfig is one
     sharded: bool = False,
     group=None,
+    view: str = "raw",
 ) -> torch.Tensor:
-    """Load the kNN graph artifact, or build it over raw pixels and save it.
+    """Load the kNN graph artifact, or build it over the images' `view` (raw: the pixels, as
+    the paper; sobel: as model.input_view) and save it.
 
     An artifact built from other shards (count or checksums differ) is an error, not silently
     reused: rebuild it with `sddecc graph --rebuild`. `params` chooses the FAISS index (default:
@@ -106,17 +144,19 @@ def ensure_graph(
     returns it."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    path = graph_path(data_dir, k)
+    path = graph_path(data_dir, k, view)
     fingerprint = manifest_fingerprint(manifest)
     # every rank decides here, before rank 0 can have written anything, so all agree
     if path.exists() and not rebuild:
-        return _check_artifact(path, data_dir, manifest, k, fingerprint)
+        return _check_artifact(path, data_dir, manifest, k, view, fingerprint)
+    transform = view_transform(view)
     if sharded:
-        adjacency, neighbors, meta = build_graph_sharded(data_dir, k, params, use_gpu=use_gpu, group=group)
+        adjacency, neighbors, meta = build_graph_sharded(data_dir, k, params, use_gpu=use_gpu, group=group,
+                                                         transform=transform)
         error = None
         if adjacency is not None:  # rank 0
             try:
-                _save(path, adjacency, neighbors, meta, fingerprint)
+                _save(path, adjacency, neighbors, meta, view, fingerprint)
             except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
                 error = exc
         # doubles as the barrier: no rank reads the artifact before rank 0 has written it
@@ -126,17 +166,17 @@ def ensure_graph(
             raise error
         if status[0] is not None:
             raise GraphError(f"rank 0 could not write the graph artifact {path}: {status[0]}")
-        return adjacency if adjacency is not None else _check_artifact(path, data_dir, manifest, k, fingerprint)
+        return adjacency if adjacency is not None else _check_artifact(path, data_dir, manifest, k, view, fingerprint)
     if images is None:
         images, _ = load_all(data_dir, manifest)
-    features = images.flatten(1).numpy()
+    features = transformed(images.flatten(1).numpy(), tuple(images.shape[1:]), transform)
     adjacency, neighbors, meta = build_graph(features, k, use_gpu=use_gpu, params=params)
-    _save(path, adjacency, neighbors, meta, fingerprint)
+    _save(path, adjacency, neighbors, meta, view, fingerprint)
     return adjacency
 
 
-def _save(path: Path, adjacency: torch.Tensor, neighbors, meta: dict, fingerprint: str) -> None:
-    meta.update(dataset_fingerprint=fingerprint, features="raw pixels scaled to [0, 1]")
+def _save(path: Path, adjacency: torch.Tensor, neighbors, meta: dict, view: str, fingerprint: str) -> None:
+    meta.update(dataset_fingerprint=fingerprint, view=view, features=_VIEW_FEATURES[view])
     save_graph(path, adjacency, neighbors, meta)
     recall = meta["recall_method"] if meta["recall"] is None or meta["recall_method"] == "exact" \
         else f"recall@{meta['k']} {meta['recall']:.4f}"
@@ -147,14 +187,16 @@ def _save(path: Path, adjacency: torch.Tensor, neighbors, meta: dict, fingerprin
     )
 
 
-def partition_path(data_dir: str | Path, k: int, n_parts: int) -> Path:
-    return Path(data_dir) / f"partitions-k{k}-p{n_parts}.npz"
+def partition_path(data_dir: str | Path, k: int, n_parts: int, view: str = "raw") -> Path:
+    return Path(data_dir) / f"partitions-{_graph_tag(k, view)}-p{n_parts}.npz"
 
 
 def ensure_partitions(
-    data_dir: str | Path, k: int, n_parts: int, method: str = "metis", seed: int = 0, rebuild: bool = False
+    data_dir: str | Path, k: int, n_parts: int, method: str = "metis", seed: int = 0, rebuild: bool = False,
+    view: str = "raw",
 ) -> tuple[np.ndarray, dict]:
-    """Load ``partitions-k{k}-p{P}.npz`` of a data folder, or partition its kNN graph and save it.
+    """Load ``partitions-k{k}-p{P}.npz`` of a data folder, or partition its kNN graph (over
+    `view`) and save it.
 
     The kNN graph stage runs first (``ensure_graph``: built if missing, refused if stale). An
     artifact of other shards, of another graph, or made with another method or seed is an
@@ -162,11 +204,12 @@ def ensure_partitions(
     """
     data_dir = Path(data_dir)
     fingerprint = manifest_fingerprint(read_manifest(data_dir))
-    ensure_graph(data_dir, k)  # builds a missing graph, refuses a stale one; then read its kNN lists
-    neighbors, _ = load_neighbors(graph_path(data_dir, k))
+    ensure_graph(data_dir, k, view=view)  # builds a missing graph, refuses a stale one; then read its kNN lists
+    neighbors, _ = load_neighbors(graph_path(data_dir, k, view))
     graph_fp = graph_fingerprint(neighbors)
-    path = partition_path(data_dir, k, n_parts)
-    hint = f"sddecc partition {data_dir} --k {k} --parts {n_parts} --method {method} --seed {seed} --rebuild"
+    path = partition_path(data_dir, k, n_parts, view)
+    hint = (f"sddecc partition {data_dir} --k {k} --view {view} --parts {n_parts} --method {method} --seed {seed} "
+            f"--rebuild")
     if path.exists() and not rebuild:
         parts, meta = load_partitions(path, dataset_fingerprint=fingerprint, graph_fingerprint=graph_fp,
                                       rebuild_hint=hint)
@@ -200,20 +243,20 @@ def ensure_partitions(
     return parts, meta
 
 
-def partitioned_dir(data_dir: str | Path, k: int, n_parts: int) -> Path:
-    return Path(data_dir) / f"partitioned-k{k}-p{n_parts}"
+def partitioned_dir(data_dir: str | Path, k: int, n_parts: int, view: str = "raw") -> Path:
+    return Path(data_dir) / f"partitioned-{_graph_tag(k, view)}-p{n_parts}"
 
 
 def ensure_partitioned_shards(
     data_dir: str | Path, k: int, n_parts: int, method: str = "metis", partitions_per_shard: int = 8,
-    seed: int = 0,
+    seed: int = 0, view: str = "raw",
 ) -> Path:
     """The partition stage: METIS partitions of the kNN graph (`partitions-k{k}-p{P}.npz`) and
     the shards rewritten in partition order (`partitioned-k{k}-p{P}/`), each built if missing and
     checked against the shards and graph they came from. Returns the partitioned folder."""
     data_dir = Path(data_dir)
-    parts, meta = ensure_partitions(data_dir, k, n_parts, method=method, seed=seed)
-    out = partitioned_dir(data_dir, k, n_parts)
+    parts, meta = ensure_partitions(data_dir, k, n_parts, method=method, seed=seed, view=view)
+    out = partitioned_dir(data_dir, k, n_parts, view)
     source = manifest_fingerprint(read_manifest(data_dir))
     if (out / "dataset.json").exists():
         read_partitioned_manifest(out, source_fingerprint=source, partition_fingerprint=partition_fingerprint(parts))

@@ -21,6 +21,7 @@ from sddecc_dist.data import load_all
 from sddecc_dist.config import IndexParams
 from sddecc_dist.graph import GraphError, assign_shards, knn_search, load_graph
 from sddecc_dist.graph.knn import recall_sample
+from sddecc_dist.model.ddecn import ImageView
 from sddecc_dist.pipeline import ensure_graph, graph_path, prepare_dataset
 
 WORLD_SIZE = 2
@@ -38,7 +39,7 @@ def _worker(rank: int, store: str, jobs: list[dict], results: str) -> None:
             try:
                 params = IndexParams(**job.get("params", {}))
                 adjacency = ensure_graph(job["data_dir"], job["k"], params=params, rebuild=job.get("rebuild", False),
-                                         sharded=True)
+                                         sharded=True, view=job.get("view", "raw"))
                 outcome.update(ok=True, nnz=int(adjacency.values().numel()))
             except GraphError as error:
                 outcome.update(ok=False, error=str(error))
@@ -49,7 +50,7 @@ def _worker(rank: int, store: str, jobs: list[dict], results: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
+def sharded_runs(tmp_path_factory, coloured_digits_npz):
     """Prepare the folders, run every sharded job once on 2 ranks, return (folders, results)."""
     root = tmp_path_factory.mktemp("sharded")
     four = root / "four"  # digits in 4 shards (500, 500, 500, 297): rank 0 gets 1000 samples, rank 1 797
@@ -62,6 +63,8 @@ def sharded_runs(tmp_path_factory):
     prepare_dataset(str(root / "other.npz"), stale, samples_per_shard=500)
     ensure_graph(stale, k=3)
     prepare_dataset("digits", stale, samples_per_shard=500)
+    coloured = root / "coloured"  # digits in random ink and paper colours, 4 shards
+    prepare_dataset(str(coloured_digits_npz), coloured, samples_per_shard=500)
 
     jobs = [
         {"name": "flat", "data_dir": str(four), "k": 3},
@@ -70,6 +73,7 @@ def sharded_runs(tmp_path_factory):
         {"name": "no_shard", "data_dir": str(one), "k": 3},
         {"name": "k_too_large", "data_dir": str(four), "k": 800},
         {"name": "stale", "data_dir": str(stale), "k": 3},
+        {"name": "sobel", "data_dir": str(coloured), "k": 3, "view": "sobel"},
     ]
     results = root / "results"
     results.mkdir()
@@ -79,7 +83,7 @@ def sharded_runs(tmp_path_factory):
         per_rank = [json.loads((results / f"{job['name']}-{r}.json").read_text()) for r in range(WORLD_SIZE)]
         assert all(o["world_size"] == WORLD_SIZE and o["backend"] == "gloo" for o in per_rank)
         outcomes[job["name"]] = per_rank
-    return {"four": four, "one": one, "stale": stale}, outcomes
+    return {"four": four, "one": one, "stale": stale, "coloured": coloured}, outcomes
 
 
 def _sq_dists(x: np.ndarray) -> np.ndarray:
@@ -115,6 +119,23 @@ def test_sharded_exact_build_equals_single_process(sharded_runs):
     untied = (full <= kth[:, None]).sum(1) == 3
     assert untied.mean() > 0.5  # the comparison below must cover many rows
     np.testing.assert_array_equal(np.sort(sharded[untied], 1), np.sort(single[untied], 1))
+
+
+def test_sharded_build_over_the_sobel_view_is_the_exact_knn_of_the_view(sharded_runs):
+    """Each rank turns its share of the images into their Sobel view before indexing it; the
+    merged lists are the exact kNN of the view over all samples."""
+    folders, outcomes = sharded_runs
+    assert all(o["ok"] for o in outcomes["sobel"]), outcomes["sobel"]
+    path = graph_path(folders["coloured"], 3, "sobel")
+    _, meta = load_graph(path)
+    assert meta["world_size"] == 2 and meta["view"] == "sobel" and meta["index"] == "flat"
+    neighbours = torch.load(path, weights_only=True)["neighbors"]
+    images, _ = load_all(folders["coloured"])
+    x = ImageView("sobel")(images).flatten(1).double()
+    distances = torch.cdist(x, x).pow(2)
+    distances.fill_diagonal_(float("inf"))
+    torch.testing.assert_close(distances.gather(1, neighbours).sort(1).values,
+                               distances.topk(3, largest=False).values, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_ivf_records_true_recall(sharded_runs):
@@ -173,7 +194,8 @@ def test_cli_under_torchrun_builds_the_sharded_graph(tmp_path):
     prepare_dataset("digits", tmp_path, samples_per_shard=500)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "sddecc_dist.cli", "graph", str(tmp_path), "--k", "3", "--index", "ivf", "--nlist", "8"]
+               "-m", "sddecc_dist.cli", "graph", str(tmp_path), "--k", "3", "--index", "ivf", "--nlist", "8",
+               "--view", "auto"]  # auto: the pixels of these 1-channel images
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     _, meta = load_graph(graph_path(tmp_path, 3))

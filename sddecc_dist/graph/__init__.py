@@ -13,7 +13,7 @@ from .adjacency import (
     symmetric_adjacency,
     to_scipy_csr,
 )
-from .distributed import assign_shards, build_graph_sharded
+from .distributed import FeatureTransform, assign_shards, build_graph_sharded, transformed
 from .knn import INDEX_TYPES, GraphError, knn_graph, knn_search, resolve_use_gpu, umap_knn
 from .partition import (
     PARTITION_FORMAT_VERSION,
@@ -29,6 +29,7 @@ from .partition import (
 )
 
 __all__ = [
+    "FeatureTransform",
     "INDEX_TYPES",
     "PARTITION_FORMAT_VERSION",
     "PARTITION_METHODS",
@@ -54,5 +55,6 @@ __all__ = [
     "save_partitions",
     "symmetric_adjacency",
     "to_scipy_csr",
+    "transformed",
     "umap_knn",
 ]

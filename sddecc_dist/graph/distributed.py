@@ -15,6 +15,7 @@ Works with gloo (CPU) or NCCL (GPU) groups; the caller initialises the group (to
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -39,7 +40,7 @@ from .knn import (
     search_index,
 )
 
-__all__ = ["assign_shards", "build_graph_sharded"]
+__all__ = ["FeatureTransform", "assign_shards", "build_graph_sharded", "transformed"]
 
 
 def assign_shards(manifest: dict, world_size: int, k: int, data_dir: str | Path = "") -> list[list[dict]]:
@@ -70,8 +71,12 @@ def assign_shards(manifest: dict, world_size: int, k: int, data_dir: str | Path 
     return plan
 
 
+FeatureTransform = Callable[[torch.Tensor], torch.Tensor]
+"""Images (B, C, H, W) to the (B, d) features the graph compares: the caller's view of them."""
+
+
 def _read_share(data_dir: Path, manifest: dict, share: list[dict]) -> np.ndarray:
-    """This rank's samples as a float32 (m, d) matrix, rows ordered as ``shard_indices``."""
+    """This rank's samples as a float32 (m, C*H*W) matrix of pixels, rows ordered as ``shard_indices``."""
     own = {**manifest, "shards": share}
     verify_shards(data_dir, own)
     ids = shard_indices(share)
@@ -88,6 +93,16 @@ def _read_share(data_dir: Path, manifest: dict, share: list[dict]) -> np.ndarray
     if not seen.all():
         raise GraphError(f"sample {ids[np.argmin(seen)]} is missing from the shards {[s['file'] for s in share]} of {data_dir}")
     return x
+
+
+def transformed(pixels: np.ndarray, image_shape: tuple, transform: FeatureTransform | None,
+                block: int = 4096) -> np.ndarray:
+    """``transform`` of (m, C*H*W) pixel rows, ``block`` images at a time, as float32 (m, d)."""
+    if transform is None:
+        return pixels
+    images = torch.from_numpy(pixels).view(-1, *image_shape)
+    with torch.no_grad():
+        return torch.cat([transform(images[i:i + block]) for i in range(0, len(images), block)]).numpy()
 
 
 class _Comm:
@@ -175,8 +190,10 @@ def build_graph_sharded(
     group=None,
     query_batch: int = 4096,
     gpu_device: int | None = None,
+    transform: FeatureTransform | None = None,
 ) -> tuple[torch.Tensor | None, np.ndarray | None, dict | None]:
-    """kNN graph of the raw pixels in ``data_dir``'s shards, built by all ranks of ``group``.
+    """kNN graph of ``data_dir``'s shards, built by all ranks of ``group``, over the pixels or,
+    with ``transform``, over what it makes of each rank's images (every rank the same).
 
     Every rank of the group (None: the default group) must call this. Rank 0 returns
     ``(adjacency, neighbors, meta)`` as ``build_graph`` does, plus world_size, dist_backend
@@ -192,7 +209,9 @@ def build_graph_sharded(
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     plan = assign_shards(manifest, comm.world, k, data_dir)
-    n, d = manifest["count"], int(np.prod(manifest["image_shape"]))
+    image_shape = tuple(manifest["image_shape"])
+    n, d = manifest["count"], transformed(np.zeros((1, int(np.prod(image_shape))), np.float32), image_shape,
+                                          transform).shape[1]
     ids_of_rank = [shard_indices(share) for share in plan]
     specs = [resolve_index(params, n, len(ids), d) for ids in ids_of_rank]  # same on every rank
     on_gpu = resolve_use_gpu(use_gpu)
@@ -203,7 +222,8 @@ def build_graph_sharded(
 
     error = None
     try:
-        x_local = _validated_features(_read_share(data_dir, manifest, plan[comm.rank]), k, query_batch)
+        pixels = _read_share(data_dir, manifest, plan[comm.rank])
+        x_local = _validated_features(transformed(pixels, image_shape, transform), k, query_batch)
     except Exception as exc:  # noqa: BLE001 - re-raised on this rank by agree()
         error = exc
     comm.agree(error, "reading their shards")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sddecc_dist.config import LossConfig, ModelConfig
+from sddecc_dist.config import LossConfig, ModelConfig, resolve_input_view
 from sddecc_dist.model import losses
 from sddecc_dist.model.ddecn import (
     ConvDecoder,
@@ -39,11 +39,8 @@ class SDDECC(nn.Module):
         self.image_shape = tuple(image_shape)
         self.n_clusters = n_clusters
         d = config.latent_dim
-        view = config.input_view
-        if view == "auto":
-            view = "sobel" if self.image_shape[0] == 3 else "raw"
         # The encoder, the decoder's target and the GCN's first layer see the view, not the image.
-        self.input_view = ImageView(view)
+        self.input_view = ImageView(resolve_input_view(config.input_view, self.image_shape[0]))
         seen_shape = self.input_view.output_shape(self.image_shape)
         strides = auto_strides(seen_shape, len(config.channels)) if config.strides == "auto" else config.strides
         self.encoder = ConvEncoder(seen_shape, config.channels, config.kernel_sizes, strides, d)

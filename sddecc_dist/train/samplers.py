@@ -40,7 +40,7 @@ from sddecc_dist.data import (
 from sddecc_dist.data.augment import RandomAffineAugment
 from sddecc_dist.data import steps_per_epoch as partition_steps
 from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
-from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path
+from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path, graph_view
 from sddecc_dist.train.inference import NodeShare, node_share
 
 
@@ -163,7 +163,7 @@ class FullGraphSampler(JointSampler):
         if config.model.use_gcn:
             _check_k(config, self.n)
             adjacency = ensure_graph(config.data_dir, config.graph.k, self.images, config.graph.use_gpu,
-                                     params=config.graph)
+                                     params=config.graph, view=graph_view(config, manifest))
             self.adjacency_sp = to_scipy_csr(adjacency)
             self.adjacency = adjacency.to(accelerator.device)
         self._share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes,
@@ -205,13 +205,15 @@ class ClusterGCNSampler(JointSampler):
         self.n = manifest["count"]
         _check_k(config, self.n)
         self.n_parts = max(1, math.ceil(self.n / train.partition_size))
-        adjacency = ensure_graph(config.data_dir, config.graph.k, None, config.graph.use_gpu, params=config.graph)
+        view = graph_view(config, manifest)
+        adjacency = ensure_graph(config.data_dir, config.graph.k, None, config.graph.use_gpu, params=config.graph,
+                                 view=view)
         self.part_dir = ensure_partitioned_shards(config.data_dir, config.graph.k, self.n_parts,
                                                   train.partition_method, train.partitions_per_shard,
-                                                  seed=config.seed)
+                                                  seed=config.seed, view=view)
         self.adjacency_sp = to_scipy_csr(adjacency)
         self.adjacency = adjacency.to(accelerator.device)
-        neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k))
+        neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
         self.sym_adjacency = symmetric_adjacency(neighbors, self.n)
         self.part_manifest = read_partitioned_manifest(self.part_dir)
         self._steps = partition_steps(self.part_manifest, train.partitions_per_batch, accelerator.num_processes)

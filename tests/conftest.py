@@ -1,0 +1,21 @@
+"""Data shared by several test modules."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def coloured_digits_npz(tmp_path_factory) -> Path:
+    """scikit-learn's digits (real data), each drawn in a random ink colour on a random paper
+    colour: an RGB set whose colours say nothing of the class. Written once per session."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    ink, paper = rng.random((2, len(digits.images), 3, 1, 1))
+    grey = (digits.images / 16.0)[:, None]
+    path = tmp_path_factory.mktemp("coloured") / "coloured-digits.npz"
+    np.savez(path, x=(grey * ink + (1 - grey) * paper).astype(np.float32), y=digits.target)
+    return path

@@ -115,8 +115,9 @@ def _check_artifact(path: Path, data_dir: Path, manifest: dict, k: int, view: st
             f"rebuild it with: sddecc graph {data_dir} --k {k} --view {view} --rebuild"
         )
     # artifacts from before views were named have no "view": they are over raw pixels
-    if meta.get("view", "raw") != view:
-        raise GraphError(f"graph artifact {path} was built over the {meta.get('view')!r} view, not {view!r}; "
+    built_over = meta.get("view", "raw")
+    if built_over != view:
+        raise GraphError(f"graph artifact {path} was built over the {built_over!r} view, not {view!r}; "
                          f"rebuild it with: sddecc graph {data_dir} --k {k} --view {view} --rebuild")
     return adjacency
 

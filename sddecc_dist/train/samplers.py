@@ -77,11 +77,10 @@ class PretrainBatches:
             batches = (images for _, images, _ in stream_batches(
                 self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer, seed=seed,
                 manifest=self.manifest, rank=self.rank, world_size=self.world_size, steps=self.steps))
+            batches = ((step, images) for step, images in enumerate(batches) if step >= start_step)  # read past
         else:
-            batches = self._from_memory(seed)
-        for step, images in enumerate(batches):
-            if step < start_step:
-                continue
+            batches = self._from_memory(seed, start_step)
+        for step, images in batches:
             images = images.to(self.device)
             if self.augment is None:
                 yield step, images, None
@@ -89,7 +88,7 @@ class PretrainBatches:
             warped = self.augment(images)
             yield step, warped, images if self.config.train.augment_target == "clean" else None
 
-    def _from_memory(self, seed: int) -> Iterator[torch.Tensor]:
+    def _from_memory(self, seed: int, start_step: int) -> Iterator[tuple[int, torch.Tensor]]:
         shards = [self.manifest["shards"][i] for i in rank_shards(self.manifest, self.rank, self.world_size)]
         own = torch.from_numpy(shard_indices(shards))
         order = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(seed))]
@@ -97,8 +96,9 @@ class PretrainBatches:
             passes = math.ceil(self.steps * self.micro_batch / len(own))
             order = torch.cat([order] + [own[torch.randperm(len(own), generator=torch.Generator().manual_seed(
                 seed * 1009 + extra))] for extra in range(1, passes)])[:self.steps * self.micro_batch]
-        for start in range(0, len(order), self.micro_batch):
-            yield self.images[order[start:start + self.micro_batch]]
+        for step, start in enumerate(range(0, len(order), self.micro_batch)):
+            if step >= start_step:  # a resumed epoch gathers only the batches it has not trained on
+                yield step, self.images[order[start:start + self.micro_batch]]
 
 
 @dataclass

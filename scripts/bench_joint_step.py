@@ -50,7 +50,7 @@ def main() -> None:
     n, k = len(images), manifest.get("n_classes") or config.n_clusters
     model = SDDECC(tuple(manifest["image_shape"]), k, config.model)
     _, saved = read_model_file(args.model)
-    model.load_state_dict({"cluster_prior": model.cluster_prior, **saved["model"]})
+    model.load_trained(saved["model"])
     start_labels = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(0))
     common = {"adjacency": adjacency, "loss_config": config.loss, "start_labels": start_labels}
     print(f"{n} images {tuple(manifest['image_shape'])}, peak {peak_memory_mib():.0f} MiB")

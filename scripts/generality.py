@@ -193,7 +193,9 @@ def main() -> int:
                 runs[key]["recipe"] = {key: metrics.get(key) for key in (
                     "acc", "nmi", "ari", "n_used_clusters", "seconds", "wall_seconds", "peak_rss_mib", "health",
                     "warnings")}
-                runs[key]["recipe"]["start"] = _start_scores(args.out / "runs" / f"{name}-s{seed}")
+                run_dir = args.out / "runs" / f"{name}-s{seed}"
+                runs[key]["recipe"]["start"] = _phase_scores(run_dir, "kmeans")
+                runs[key]["recipe"]["self_labelled"] = _phase_scores(run_dir, "self_label")
             results[name] = row
             atomic_write_json(results_path, results)
     atomic_write_text(args.out / "generality.md", markdown(results, sets))
@@ -202,10 +204,11 @@ def main() -> int:
     return 0
 
 
-def _start_scores(run_dir: Path) -> dict | None:
-    """The start's scores (the metrics line the trainer logs after it)."""
+def _phase_scores(run_dir: Path, phase: str) -> dict | None:
+    """The scores the trainer logged after a stage: the start ("kmeans") or the self-labelling
+    stage ("self_label"); None when the run has no such line."""
     for line in RunFolder(run_dir).read_metrics_log():
-        if line.get("phase") == "kmeans" and "acc" in line:
+        if line.get("phase") == phase and "acc" in line:
             return {"acc": line["acc"], "nmi": line["nmi"]}
     return None
 
@@ -218,7 +221,8 @@ def _mean(values: list, digits: int = 3) -> str:
 
 
 def markdown(results: dict, sets: list[str]) -> str:
-    header = ["set", "N", "image", "K", "seeds", "recipe ACC", "recipe NMI", "start ACC", "k-means ACC",
+    header = ["set", "N", "image", "K", "seeds", "recipe ACC", "recipe NMI", "start ACC", "self-labelled ACC",
+              "k-means ACC",
               "k-means NMI", "UMAP+GMM ACC", "UMAP+GMM NMI", "clusters used", "largest cluster", "seconds",
               "peak RSS MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -230,6 +234,7 @@ def markdown(results: dict, sets: list[str]) -> str:
             name, str(row["n"]), "×".join(map(str, row["image"])), str(row["k"]), str(len(runs)),
             _mean([r["acc"] for r in recipe_runs]), _mean([r["nmi"] for r in recipe_runs]),
             _mean([(r.get("start") or {}).get("acc") for r in recipe_runs]),
+            _mean([(r.get("self_labelled") or {}).get("acc") for r in recipe_runs]),
             _mean([r["baselines"]["kmeans"]["acc"] for r in runs]),
             _mean([r["baselines"]["kmeans"]["nmi"] for r in runs]),
             _mean([r["baselines"]["umap_gmm"]["acc"] for r in runs]),

@@ -123,6 +123,11 @@ class ModelConfig:
         "flatten", help="what each GCN layer takes of its encoder layer (Eq. 15's Z): the flattened feature map "
                         "(SDCN's and the paper's widths), or the map averaged over its locations (one number per "
                         "channel: a GCN of the channels' widths, for large maps)")
+    self_label_head: bool = param(
+        False, paper=False, departure="self-labelled start", joint_only=False,
+        help="a linear classifier over the encoder's flattened top map, trained by the self-labelling stage "
+             "(train.self_label_epochs) on the start's clusters; its logits join the code as the GCN's last "
+             "representation (Eq. 15's Z), so that Y can read what it learnt")
 
 
 @dataclass
@@ -201,6 +206,13 @@ class TrainConfig:
     augment_target: Literal["clean", "augmented"] = param(
         "clean", help="what the decoder reconstructs from an augmented input: the clean image (denoising) or "
                       "the augmented one")
+    self_label_epochs: int = param(
+        0, min=0, help="after the start: epochs that train the encoder (the pretraining objective on augmented "
+                       "batches) and model.self_label_head to predict the start's clusters; its predictions "
+                       "then replace the start (centres, q(y), the joint phase's start term). 0: no such stage")
+    self_label_steps: int = param(0, min=0, help="at least this many self-labelling steps: the epochs are raised "
+                                                 "to reach them, as pretrain_steps does")
+    self_label_lr: float = param(1e-3, min=0.0, help="Adam learning rate of the self-labelling stage")
     joint_epochs: int = param(100, min=0, help="joint epochs (full sampler: one step over the whole graph each)")
     joint_lr: float = param(1e-3, min=0.0, help="DDECN and centres in the joint phase")
     head_lr: float = param(1e-2, min=0.0, help="the GCN (or linear head): it starts from random weights and must "
@@ -360,6 +372,9 @@ def validate(config: Config) -> None:
     if graph_terms and not model.use_gcn:
         raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
                           f"GCN model has (model.use_gcn=false): set to 0")
+    if config.train.self_label_epochs and not model.self_label_head:
+        raise ConfigError("train.self_label_epochs trains model.self_label_head: set model.self_label_head=true "
+                          "(or train.self_label_epochs=0)")
     if config.train.center_init == "ward" and not model.use_gcn:
         raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
                           "(model.use_gcn=false): use kmeans")

@@ -4,6 +4,7 @@
       config.yaml                the run's resolved config (written first)
       metrics.jsonl              one line per logged epoch: pretrain, start, joint
       initial_assignments.txt    the start: the partition the centres μ_y come from
+      self_label_assignments.txt the self-labelling stage's partition, which replaces the start
       assignments.txt            the final cluster of every sample, line i for sample i
       metrics.json               final scores and facts of the run (written last: a finished run)
       checkpoints/
@@ -64,6 +65,7 @@ class RunFolder:
     METRICS_LOG = "metrics.jsonl"
     ASSIGNMENTS = "assignments.txt"
     INITIAL_ASSIGNMENTS = "initial_assignments.txt"
+    SELF_LABEL_ASSIGNMENTS = "self_label_assignments.txt"
     CHECKPOINTS = "checkpoints"
     PREVIOUS_CHECKPOINTS = "checkpoints.previous"
     TRAINER_STATE = "trainer_state.json"
@@ -94,6 +96,10 @@ class RunFolder:
     @property
     def initial_assignments_path(self) -> Path:
         return self.path / self.INITIAL_ASSIGNMENTS
+
+    @property
+    def self_label_assignments_path(self) -> Path:
+        return self.path / self.SELF_LABEL_ASSIGNMENTS
 
     @property
     def checkpoints(self) -> Path:
@@ -171,6 +177,9 @@ class RunFolder:
     def write_initial_assignments(self, assignments: np.ndarray) -> None:
         atomic_write_text(self.initial_assignments_path, _lines(assignments))
 
+    def write_self_label_assignments(self, assignments: np.ndarray) -> None:
+        atomic_write_text(self.self_label_assignments_path, _lines(assignments))
+
     def write_model_file(self, name: str, model: torch.nn.Module, config: Config, phase: str, epoch: int) -> None:
         """A plain model file (weights + config) for other stages and scripts."""
         atomic_torch_save({"phase": phase, "epoch": epoch, "model": model.state_dict(), "config": to_dict(config)},
@@ -182,6 +191,9 @@ class RunFolder:
 
     def read_initial_assignments(self) -> np.ndarray:
         return self._read_labels(self.initial_assignments_path, "a run past its start")
+
+    def read_self_label_assignments(self) -> np.ndarray:
+        return self._read_labels(self.self_label_assignments_path, "a run past its self-labelling stage")
 
     def _read_labels(self, path: Path, what: str) -> np.ndarray:
         if not path.is_file():
@@ -306,7 +318,7 @@ def load_model(path: str | Path, data_dir: str | Path | None = None) -> TrainedM
     config, state = read_model_file(path)
     manifest = read_manifest(config.data_dir if data_dir is None else data_dir)
     model = SDDECC(tuple(manifest["image_shape"]), int(state["model"]["centers"].shape[0]), config.model)
-    model.load_state_dict({"cluster_prior": model.cluster_prior, **state["model"]})
+    model.load_trained(state["model"])
     model.eval()
     return TrainedModel(config, manifest, model, state.get("phase", "?"), state.get("epoch", -1))
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["data.samples_per_shard=900", "train.pretrain_epochs=25", "train.joint_epochs=40",
          "train.head_warmup_epochs=20", "train.eval_every=20", "train.checkpoint_every=5",
          "train.num_threads=1", "train.keep_checkpoints=2", "train.joint_sampler=cluster",
-         "train.partition_size=100", "train.partitions_per_batch=3", "train.partitions_per_shard=3"]
+         "train.partition_size=100", "train.partitions_per_batch=3", "train.partitions_per_shard=3",
+         "model.self_label_head=true", "train.self_label_epochs=2", "train.self_label_steps=300"]
 
 
 def _free_port() -> int:
@@ -92,8 +93,12 @@ def test_two_processes_keep_identical_replicas_and_match_one_process(runs):
     assert abs(recon["two"] - recon["one"]) <= 0.25 * recon["one"], recon
     assert min(one["acc"], two["acc"]) >= 0.65, (one, two)
     assert abs(one["acc"] - two["acc"]) <= 0.10 and abs(one["nmi"] - two["nmi"]) <= 0.10, (one, two)
-    # each sample got exactly one assignment, gathered once from the two ranks
+    # each sample got exactly one assignment, gathered once from the two ranks; so did the
+    # self-labelling stage's classifier, on both runs
     assert _assignments(tmp / "two").shape == (1797,)
+    for name in ("one", "two"):
+        assert np.loadtxt(tmp / name / "self_label_assignments.txt", dtype=int).shape == (1797,)
+        assert [m["phase"] for m in _metrics_lines(tmp / name)].count("self_label") == 1
 
 
 def _start(command, env) -> subprocess.Popen:

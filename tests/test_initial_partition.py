@@ -80,3 +80,13 @@ def test_umap_embedding_is_fitted_on_a_sample_and_places_the_rest():
     centres = np.stack([embedding[truth == c].mean(0) for c in range(3)])
     nearest = ((embedding[:, None] - centres[None]) ** 2).sum(2).argmin(1)
     assert (nearest == truth).mean() > 0.98
+
+
+def test_a_refinement_gives_an_emptied_start_cluster_back_its_members():
+    from sddecc_dist.model.initial_partition import keep_start_clusters
+
+    start = np.array([0, 0, 1, 1, 2, 2, 3])
+    refined = np.array([0, 1, 1, 1, 1, 1, 0])  # clusters 2 and 3 emptied, a sample of 0 moved
+    np.testing.assert_array_equal(keep_start_clusters(refined, start), [0, 1, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(keep_start_clusters(start, start), start)  # nothing emptied: unchanged
+    np.testing.assert_array_equal(refined, [0, 1, 1, 1, 1, 1, 0])  # the input is not modified

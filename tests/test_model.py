@@ -29,7 +29,12 @@ def test_table2_encoder_decoder_shapes(config_path, image_shape, feature_shapes)
     encoded = model.encode(x)
     assert encoded.mean.shape == (5, config.model.latent_dim)
     x_hat = model.decoder(encoded.mean)
-    assert x_hat.shape == x.shape and x_hat.min() >= 0 and x_hat.max() <= 1
+    assert x_hat.shape == x.shape
+    if config.model.decoder_output == "sigmoid":
+        assert x_hat.min() >= 0 and x_hat.max() <= 1
+    else:  # linear: the values the sigmoid output would squash
+        model.decoder.output = "sigmoid"
+        assert torch.allclose(model.decoder(encoded.mean), torch.sigmoid(x_hat))
 
 
 def test_local_discriminator_scores_each_location_with_tiled_code():
@@ -283,8 +288,9 @@ def test_the_start_term_is_the_cross_entropy_to_the_start():
         model("joint", x, adjacency=adjacency, aux_index=torch.arange(5), loss_config=cfg)
 
 
-@pytest.mark.parametrize("gcn_features", ["pooled", "flatten"])
-def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_nodes_scaled(gcn_features):
+@pytest.mark.parametrize("gcn_features, self_label_head", [("pooled", False), ("flatten", False), ("pooled", True)])
+def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_nodes_scaled(gcn_features,
+                                                                                              self_label_head):
     """train.joint_encoder_nodes: the loss's value is the full pass's; the encoder's gradient is
     N/|S| times the gradient through the nodes S alone (the others held fixed), an unbiased
     estimate of the full gradient; every node in S gives the full gradient exactly."""
@@ -292,8 +298,11 @@ def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_
     neighbors = np.array([[(i + 1) % n, (i + 3) % n, (i + 7) % n] for i in range(n)])
     adjacency = normalized_adjacency(neighbors, n)
     torch.manual_seed(0)
-    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features=gcn_features))
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features=gcn_features,
+                                             self_label_head=self_label_head))
     model.centers.data.normal_()
+    if self_label_head:  # logits that depend on the encoder (the head starts at zero)
+        model.self_label_classifier.weight.data.normal_()
     x = torch.rand(n, 1, 8, 8)
     subset = torch.tensor([13, 2, 7, 19, 5, 0])
 
@@ -344,15 +353,63 @@ def test_encoder_gradient_from_a_node_subset_is_the_full_gradient_through_those_
     for got, expected in zip(reused[1:], fresh[1:]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     # older, its values are those of the nodes outside S, and S's are fresh.
-    stale = EncoderOutput([f + 1.0 for f in background.features], background.mean + 1.0, background.logvar - 1.0)
+    stale = EncoderOutput([f + 1.0 for f in background.features], background.mean + 1.0, background.logvar - 1.0,
+                          None if background.logits is None else background.logits + 1.0)
     encoded, _ = model.spliced_encoding(x, subset, stale)
     outside = torch.tensor([i for i in range(n) if i not in subset.tolist()])
     with torch.no_grad():
         now = model.graph_encoding(x)
-    for got, old, new in zip([*encoded.features, encoded.mean, encoded.logvar],
-                             [*stale.features, stale.mean, stale.logvar], [*now.features, now.mean, now.logvar]):
+    outputs = lambda e: [*e.features, e.mean, e.logvar] + ([e.logits] if self_label_head else [])  # noqa: E731
+    assert (encoded.logits is None) == (not self_label_head)
+    for got, old, new in zip(outputs(encoded), outputs(stale), outputs(now)):
         torch.testing.assert_close(got[outside].detach(), old[outside])
         torch.testing.assert_close(got[subset].detach(), new[subset], rtol=1e-5, atol=1e-6)
+
+
+def test_self_label_head_starts_at_zero_without_changing_the_other_initial_weights():
+    """model.self_label_head: a zero classifier made without drawing random numbers, so the
+    autoencoder starts as without it; its logits join the code as the GCN's last Z."""
+    torch.manual_seed(3)
+    plain = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features="pooled"))
+    torch.manual_seed(3)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, gcn_features="pooled",
+                                             self_label_head=True))
+    for name, value in plain.state_dict().items():
+        if not name.startswith("gcn."):  # the GCN's last layer is wider: code and logits
+            assert torch.equal(value, model.state_dict()[name]), name
+    assert [layer.out_features for layer in model.gcn.hidden] == [4, 8, 3 + 3]
+    x = torch.rand(5, 1, 8, 8)
+    encoded = model.encode(x)
+    assert torch.equal(encoded.logits, torch.zeros(5, 3))
+    torch.testing.assert_close(model.gcn_representations(encoded)[-1], torch.cat([encoded.mean, encoded.logits], 1))
+    # the logits are the classifier of the flattened top map
+    model.self_label_classifier.weight.data.normal_()
+    encoded = model.encode(x)
+    torch.testing.assert_close(encoded.logits, encoded.features[-1].flatten(1) @ model.self_label_classifier.weight.T)
+    # a model file written without the head loads with a zero one
+    model.load_trained(plain.state_dict() | {k: v for k, v in model.state_dict().items() if k.startswith("gcn.")})
+    assert not model.self_label_classifier.weight.any() and not model.self_label_classifier.bias.any()
+    with pytest.raises(RuntimeError, match="encoder"):  # anything else missing is still an error
+        model.load_trained({k: v for k, v in plain.state_dict().items() if not k.startswith("encoder.")})
+
+
+def test_self_label_loss_is_the_pretraining_objective_plus_the_classifiers_cross_entropy():
+    torch.manual_seed(0)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3, self_label_head=True))
+    model.self_label_classifier.weight.data.normal_()
+    cfg = LossConfig(mi_weight=0.5, prior_kl=True, kl_weight=2.0)
+    x, target, labels = torch.rand(6, 1, 8, 8), torch.rand(6, 1, 8, 8), torch.tensor([0, 2, 1, 1, 0, 2])
+    torch.manual_seed(1)
+    terms = model("self_label", x, labels=labels, loss_config=cfg, target=target)
+    torch.manual_seed(1)  # the same reparameterisation and MI negatives
+    pretrain = model("pretrain", x, loss_config=cfg, target=target)
+    logits = model.encode(x).logits
+    ce = -torch.log_softmax(logits, 1)[torch.arange(6), labels].mean().item()
+    assert set(terms.parts) == set(pretrain.parts) | {"self_label_ce"}
+    assert terms.parts["self_label_ce"] == pytest.approx(ce, rel=1e-5)
+    assert terms.total.item() == pytest.approx(pretrain.total.item() + ce, rel=1e-5)
+    terms.total.backward()  # the classifier and the encoder learn from it
+    assert model.self_label_classifier.weight.grad.abs().sum() > 0
 
 
 def test_graph_encoding_keeps_what_the_gcn_reads_in_chunks():

@@ -18,6 +18,7 @@ class EncoderOutput:
     features: list[torch.Tensor]  # each encoder layer's activation map, (B, C_l, H_l, W_l)
     mean: torch.Tensor  # (B, d)
     logvar: torch.Tensor  # (B, d)
+    logits: torch.Tensor | None = None  # (B, K): the self-labelling classifier's, when the model has one
 
 
 class ImageView(nn.Module):

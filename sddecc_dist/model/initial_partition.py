@@ -111,3 +111,14 @@ def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sa
         candidates = np.flatnonzero(np.bincount(labels, minlength=n_clusters)[labels] > 1)
         labels[candidates[responsibilities[candidates, empty].argmax()]] = empty
     return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+
+
+def keep_start_clusters(labels: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """`labels` (a partition that refines `start`, e.g. the self-labelling classifier's), with
+    every cluster of `start` that `labels` left empty given back its start members: a refinement
+    moves samples between clusters, it does not remove one (a start cluster of two images can
+    lose both to a neighbour)."""
+    labels = labels.copy()
+    for cluster in np.setdiff1d(np.unique(start), labels):
+        labels[start == cluster] = cluster
+    return labels

@@ -182,6 +182,7 @@ DDECN_TERMS: dict[str, str | None] = {
     "local_mi": "mi_weight",
     "prior_kl": "kl_weight",
     "start_ce": None,  # the only term of a head warm-up towards the initial partition
+    "self_label_ce": None,  # the self-labelling stage's classifier against the start's clusters
 }
 
 

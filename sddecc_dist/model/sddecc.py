@@ -52,8 +52,20 @@ class SDDECC(nn.Module):
         self.local_disc = LocalDiscriminator(shapes[self.local_layer][0], d, config.local_disc_hidden)
         self.use_gcn = config.use_gcn
         self.pooled_gcn_features = config.gcn_features == "pooled"
+        # The self-labelling stage's classifier: K logits from the flattened top map (the pooled
+        # map or the 10-d code separate MNIST's classes less well: docs/method.md). Created
+        # without drawing from the generator and zeroed, so that the autoencoder and discriminators
+        # start from the same random weights as without it (the GCN, made after them, draws for a
+        # wider last layer); zero logits carry nothing until the stage trains it.
+        self.self_label_classifier = None
+        if config.self_label_head:
+            self.self_label_classifier = nn.utils.skip_init(nn.Linear, math.prod(shapes[-1]), n_clusters)
+            nn.init.zeros_(self.self_label_classifier.weight)
+            nn.init.zeros_(self.self_label_classifier.bias)
         if config.use_gcn:
-            dims = [s[0] if self.pooled_gcn_features else math.prod(s) for s in shapes] + [d]
+            # the last layer's Z: the code, then the self-labelling classifier's logits
+            code_width = d + (n_clusters if config.self_label_head else 0)
+            dims = [s[0] if self.pooled_gcn_features else math.prod(s) for s in shapes] + [code_width]
             self.gcn = GCN(math.prod(seen_shape), dims, n_clusters, config.delta)
         else:
             # Ablations without structure: p(y|z) from a linear softmax head on the code.
@@ -77,7 +89,19 @@ class SDDECC(nn.Module):
 
     # ---- pieces -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> EncoderOutput:
-        return self.encoder(self.input_view(x))
+        encoded = self.encoder(self.input_view(x))
+        if self.self_label_classifier is not None:
+            encoded.logits = self.self_label_classifier(encoded.features[-1].flatten(1))
+        return encoded
+
+    def load_trained(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a trained model's weights, also one written before the model had a q(y) buffer
+        (its q(y) was the uniform one) or a self-labelling classifier (zero logits: none)."""
+        optional = {"cluster_prior": torch.full((self.n_clusters,), 1.0 / self.n_clusters)}
+        if self.self_label_classifier is not None:
+            optional.update({f"self_label_classifier.{k}": torch.zeros_like(v)
+                             for k, v in self.self_label_classifier.state_dict().items()})
+        self.load_state_dict({**optional, **state_dict})
 
     @torch.no_grad()
     def graph_encoding(self, x: torch.Tensor, chunk_size: int = 4096) -> EncoderOutput:
@@ -90,10 +114,12 @@ class SDDECC(nn.Module):
         parts = []
         for i in range(0, max(len(x), 1), chunk_size):  # an empty x: one empty chunk
             part = self.encode(x[i : i + chunk_size])
-            parts.append(EncoderOutput([self._gcn_view(f) for f in part.features], part.mean, part.logvar))
+            parts.append(EncoderOutput([self._gcn_view(f) for f in part.features], part.mean, part.logvar,
+                                       part.logits))
         features = [torch.cat([part.features[layer] for part in parts]) for layer in range(len(parts[0].features))]
+        logits = torch.cat([part.logits for part in parts]) if parts[0].logits is not None else None
         return EncoderOutput(features, torch.cat([part.mean for part in parts]),
-                             torch.cat([part.logvar for part in parts]))
+                             torch.cat([part.logvar for part in parts]), logits)
 
     def _gcn_view(self, feature_map: torch.Tensor) -> torch.Tensor:
         """What the GCN reads of one feature map, still a map: its mean over the locations with
@@ -117,7 +143,8 @@ class SDDECC(nn.Module):
             others = others.nonzero().squeeze(1)
             rest = self.graph_encoding(x[others])
             spread = lambda rows: rows.new_empty((len(x), *rows.shape[1:])).index_put_((others,), rows)  # noqa: E731
-            background = EncoderOutput([spread(f) for f in rest.features], spread(rest.mean), spread(rest.logvar))
+            background = EncoderOutput([spread(f) for f in rest.features], spread(rest.mean), spread(rest.logvar),
+                                       None if rest.logits is None else spread(rest.logits))
 
         def spliced(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             # value: `values`; gradient: scale times it (the detached term cancels in the value)
@@ -125,8 +152,9 @@ class SDDECC(nn.Module):
             return rows.index_put((encoder_index,), scaled)
 
         features = [spliced(b, self._gcn_view(f)) for b, f in zip(background.features, part.features)]
+        logits = None if part.logits is None else spliced(background.logits, part.logits)
         return EncoderOutput(features, spliced(background.mean, part.mean),
-                             spliced(background.logvar, part.logvar)), part
+                             spliced(background.logvar, part.logvar), logits), part
 
     @torch.no_grad()
     def mean_codes(self, images: torch.Tensor, device, batch_size: int = 4096) -> torch.Tensor:
@@ -154,10 +182,12 @@ class SDDECC(nn.Module):
 
     def gcn_representations(self, encoded: EncoderOutput) -> list[torch.Tensor]:
         """Z^(1..L+1) for the GCN: each encoder feature map (flattened, or averaged over its
-        locations with model.gcn_features=pooled), then the code mean."""
+        locations with model.gcn_features=pooled), then the code mean (beside the self-labelling
+        classifier's logits when the model has one)."""
+        last = encoded.mean if encoded.logits is None else torch.cat([encoded.mean, encoded.logits], 1)
         if self.pooled_gcn_features:
-            return [f.mean((2, 3)) for f in encoded.features] + [encoded.mean]
-        return [f.flatten(1) for f in encoded.features] + [encoded.mean]
+            return [f.mean((2, 3)) for f in encoded.features] + [last]
+        return [f.flatten(1) for f in encoded.features] + [last]
 
     def ddecn_losses(
         self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig, target: torch.Tensor | None = None
@@ -193,7 +223,9 @@ class SDDECC(nn.Module):
             return self.joint_loss(x, **kwargs)
         if phase == "head":
             return self.head_loss(x, **kwargs)
-        raise ValueError(f"unknown phase {phase!r}: expected 'pretrain', 'head' or 'joint'")
+        if phase == "self_label":
+            return self.self_label_loss(x, **kwargs)
+        raise ValueError(f"unknown phase {phase!r}: expected 'pretrain', 'self_label', 'head' or 'joint'")
 
     def pretrain_loss(self, x: torch.Tensor, loss_config: LossConfig, target: torch.Tensor | None = None) -> LossTerms:
         """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL. `target`:
@@ -202,6 +234,18 @@ class SDDECC(nn.Module):
         terms = self.ddecn_losses(x, encoded, loss_config, target)
         if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
+        return self._weighted(terms, loss_config)
+
+    def self_label_loss(self, x: torch.Tensor, labels: torch.Tensor, loss_config: LossConfig,
+                        target: torch.Tensor | None = None) -> LossTerms:
+        """The self-labelling stage: the pretraining objective (the autoencoder keeps its codes
+        meaningful) plus the cross-entropy of the classifier's logits on `x` (augmented) against
+        `labels`, the start's cluster of each image."""
+        encoded = self.encode(x)
+        terms = self.ddecn_losses(x, encoded, loss_config, target)
+        if loss_config.uses_prior_kl:
+            terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
+        terms["self_label_ce"] = nn.functional.cross_entropy(encoded.logits, labels)
         return self._weighted(terms, loss_config)
 
     def joint_loss(
@@ -316,4 +360,5 @@ def auto_strides(image_shape: tuple[int, int, int], n_layers: int, min_top: int 
 
 def _rows(encoded: EncoderOutput, index: torch.Tensor) -> EncoderOutput:
     """The encoder output of the nodes `index` only."""
-    return EncoderOutput([f[index] for f in encoded.features], encoded.mean[index], encoded.logvar[index])
+    return EncoderOutput([f[index] for f in encoded.features], encoded.mean[index], encoded.logvar[index],
+                         None if encoded.logits is None else encoded.logits[index])

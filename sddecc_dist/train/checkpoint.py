@@ -55,6 +55,8 @@ class TrainerState:
     position: Position = field(default_factory=Position)
     start_ready: bool = False  # the start (centres, q(y), initial_assignments.txt) is computed
     start_scores: dict = field(default_factory=dict)  # its scores (empty without labels)
+    # The self-labelling stage replaced the start (self_label_assignments.txt, centres, q(y))
+    start_self_labelled: bool = False
     # Running estimate of the data's cluster marginal over minibatch steps (losses.marginal_balance_kl)
     cluster_marginal: list[float] | None = None
     sampler: dict = field(default_factory=dict)  # the joint sampler's state_dict(), checked on resume
@@ -69,6 +71,7 @@ class TrainerState:
             raise ConfigError(f"{path} has trainer state format {values.get('format_version')}, "
                               f"expected {STATE_FORMAT_VERSION}")
         values = {k: v for k, v in values.items() if k != "format_version"}
+        values.setdefault("start_self_labelled", False)  # written before the stage existed: it had none
         names = {f.name for f in dataclasses.fields(cls)}
         if set(values) != names:
             raise ConfigError(f"{path} holds fields {sorted(values)}, expected {sorted(names)}")

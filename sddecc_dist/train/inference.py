@@ -127,6 +127,17 @@ def mean_codes(core: SDDECC, share: NodeShare, n: int, accelerator: Accelerator,
     return gather_rows(accelerator, torch.cat(positions), torch.cat(codes), rows).cpu()
 
 
+@torch.no_grad()
+def self_label_assignments(core: SDDECC, share: NodeShare, n: int, accelerator: Accelerator) -> np.ndarray:
+    """argmax of the self-labelling classifier's logits for every node, on every rank, each rank
+    classifying its own share."""
+    was_training = core.training
+    core.eval()
+    labels = torch.cat([core.encode(x.to(accelerator.device)).logits.argmax(1) for _, x, _ in share.chunks()])
+    core.train(was_training)
+    return gather_rows(accelerator, share.ids, labels, n).cpu().numpy()
+
+
 def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | None,
                     adjacency_sp: sp.csr_matrix | None, n: int, config: Config, n_clusters: int,
                     accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,9 @@
     1. data:     shards (prepared if missing); each rank streams its own share
     2. graph:    the joint sampler builds what it needs (kNN graph, for Cluster-GCN partitions)
     3. pretrain: DDECN = reconstruction + λ1 MI (global, local) + λ2 prior KL, minibatches
-    4. start:    k-means or Ward on the pretrained mean codes (smoothed over the graph) -> μ_y
+    4. start:    k-means, Ward or UMAP + GMM on the pretrained mean codes -> μ_y
+       self-label (optional): the encoder and a classifier learn the start's clusters from
+                 augmented images; the classifier's partition replaces the start
     5. joint:    Eq. 19 on the sampler's graph batches (whole graph, or Cluster-GCN subgraphs)
     6. results:  assignments argmax_j Y_ij of the LAST epoch (layer-wise full-graph inference),
                  metrics, checkpoints
@@ -31,6 +33,7 @@ from sddecc_dist.config import Config, ConfigError, method_name
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.eval.health import cluster_health, degenerate_warnings, silhouette_ids
 from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.model.initial_partition import keep_start_clusters
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import prepare_dataset
 from sddecc_dist.run_folder import RunFolder, read_model_file
@@ -148,8 +151,7 @@ def train(config: Config) -> dict:
     state = TrainerState()
     if config.train.init_from:
         _, pretrained = read_model_file(config.train.init_from)
-        # A pretrained model written before q(y) was a buffer: its q(y) was the uniform one.
-        core.load_state_dict({"cluster_prior": core.cluster_prior, **pretrained["model"]})
+        core.load_trained(pretrained["model"])
         sync_master_weights(optimizer)
         state.position = Position("joint", 0, 0)
         log(f"pretrained model from {config.train.init_from}: pretraining skipped")
@@ -181,6 +183,9 @@ def train(config: Config) -> dict:
         # 5. the start: centres (and q(y)) from the initial partition of the pretrained codes, once
         if state.position == Position("joint", 0, 0) and not state.start_ready:
             _start(t)
+        if (state.position == Position("joint", 0, 0) and config.train.self_label_epochs
+                and not state.start_self_labelled):
+            _self_label(t)
         # 6. joint training
         joint_epochs = config.train.joint_epochs if config.loss.cluster_kl else 0
         pending_line = _joint(t, joint_epochs)
@@ -197,20 +202,13 @@ def _pretrain(t: Training) -> None:
     task = t.progress.add_task("pretrain", total=batches.epochs, completed=at.epoch, status="")
     for epoch in range(at.epoch, batches.epochs):
         epoch_start, sums, seen = time.time(), {}, 0
-        for step, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
+        for step, _, x, target in batches.epoch(epoch, at.step if epoch == at.epoch else 0):
             # From the position alone, so that a resumed run continues the warm-up.
             done = (epoch * batches.steps_per_epoch + step) // cfg.gradient_accumulation_steps
             lr = warmed_up_lr(cfg.pretrain_lr, done, cfg.pretrain_lr_warmup_steps)
             _set_learning_rates(t.optimizer, ddecn=lr, head=0.0)
-            with t.accelerator.accumulate(t.model):
-                # Through the (DDP/DeepSpeed-wrapped) forward, so gradients synchronise.
-                terms = t.model("pretrain", x, loss_config=t.config.loss, target=target)
-                t.accelerator.backward(terms.total)
-                t.optimizer.step()
-                t.optimizer.zero_grad(set_to_none=True)
+            _minibatch_step(t, sums, "pretrain", x, target=target)
             seen += len(x)
-            for k, v in terms.parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
             rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
             t.progress.update(task, status=f"step {step + 1} {rate:.0f} samples/s")
             t.after_step(Position("pretrain", epoch, step), batches.steps_per_epoch)
@@ -224,6 +222,18 @@ def _pretrain(t: Training) -> None:
     if t.accelerator.is_main_process:
         t.run.write_model_file("pretrain", t.core, t.config, "pretrain", batches.epochs)
     t.state.position = Position("joint", 0, 0)
+
+
+def _minibatch_step(t: Training, sums: dict[str, float], phase: str, x: torch.Tensor, **kwargs) -> None:
+    """One (micro-)batch of a minibatch phase through the wrapped forward, so that DDP and
+    DeepSpeed synchronise the gradients; its loss terms, weighted by its size, join `sums`."""
+    with t.accelerator.accumulate(t.model):
+        terms = t.model(phase, x, loss_config=t.config.loss, **kwargs)
+        t.accelerator.backward(terms.total)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    for k, v in terms.parts.items():
+        sums[k] = sums.get(k, 0.0) + v * len(x)
 
 
 def _start(t: Training) -> None:
@@ -251,14 +261,75 @@ def _start(t: Training) -> None:
     t.checkpoint(Position("joint", 0, 0))
 
 
+def _self_label(t: Training) -> None:
+    """The encoder and the self-labelling classifier learn the start's clusters from augmented
+    batches (with the pretraining objective beside, so the codes stay decodable); the classifier's
+    partition then replaces the start: centres μ_y (its clusters' mean codes), q(y), and the
+    joint phase's start term. A network that must name a sample's cluster from a shifted,
+    rotated copy of it corrects many of the start's mistakes (docs/method.md).
+
+    No checkpoint of its own: it is minutes long, and a run stopped in it resumes from the
+    start's checkpoint and repeats it."""
+    cfg, device, batches = t.config.train, t.accelerator.device, t.pretrain
+    t.accelerator.wait_for_everyone()  # the main process wrote the start
+    start = torch.from_numpy(t.run.read_initial_assignments()).to(device)
+    epochs = batches.epochs_for(cfg.self_label_epochs, cfg.self_label_steps)
+    _set_learning_rates(t.optimizer, ddecn=cfg.self_label_lr, head=0.0)
+    task = t.progress.add_task("self-label", total=epochs, status="")
+    for epoch in range(epochs):
+        epoch_start, sums, seen = time.time(), {}, 0
+        # epochs numbered after pretraining's: other batch orders than its epochs had
+        for step, ids, x, target in batches.epoch(batches.epochs + epoch):
+            _minibatch_step(t, sums, "self_label", x, labels=start[ids.to(device)], target=target)
+            seen += len(x)
+            t.progress.update(task, status=f"step {step + 1}/{batches.steps_per_epoch}")
+            signum = t.stop.agreed(t.accelerator)
+            if signum:
+                log(f"[yellow]signal {signum} in the self-labelling stage: exiting; a resumed run repeats the "
+                    f"stage from the start's checkpoint")
+                raise Preempted(128 + signum)
+        t.progress.update(task, advance=1)
+        means = {k: v / max(seen, 1) for k, v in sums.items()}
+        rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
+        log(f"self-label epoch {epoch + 1}/{epochs} {_format(means)} ({rate:.0f} samples/s)")
+
+    labels = keep_start_clusters(inference.self_label_assignments(t.core, t.share, t.n, t.accelerator),
+                                 start.cpu().numpy())
+    codes = inference.mean_codes(t.core, t.share, t.n, t.accelerator).numpy()
+    counts = np.bincount(labels, minlength=t.n_clusters)
+    with torch.no_grad():
+        for cluster in np.flatnonzero(counts):  # a cluster the start left empty too keeps its centre
+            t.core.centers[cluster] = torch.from_numpy(codes[labels == cluster].mean(0)).to(device)
+        if t.config.loss.cluster_prior == "init":  # q(y): the new partition's proportions, none zero
+            proportions = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+            t.core.cluster_prior.copy_(torch.from_numpy(proportions).float().to(device))
+    if t.accelerator.is_main_process:
+        t.run.write_self_label_assignments(labels)
+    sync_master_weights(t.optimizer)
+    reset_optimizer_moments(t.optimizer)
+    t.state.start_self_labelled = True
+    scores, health = t.score(labels), t.health(labels, start.cpu().numpy())
+    log(f"self-labelled start ({epochs} epochs): {_format(scores)} {_format(health)}")
+    t.log_metrics({"phase": "self_label", "epoch": epochs, **scores, **health,
+                   "peak_memory_mib": round(peak_memory_mib(), 1)})
+    t.checkpoint(Position("joint", 0, 0))
+
+
+def _joint_start(t: Training) -> np.ndarray:
+    """The partition the joint phase refines: the self-labelled one when that stage ran, else
+    the start's (each read back from its file, so that a resumed run has it)."""
+    t.accelerator.wait_for_everyone()  # the main process wrote it
+    if t.state.start_self_labelled:
+        return t.run.read_self_label_assignments()
+    return t.run.read_initial_assignments()
+
+
 def _joint(t: Training, joint_epochs: int) -> dict | None:
     """Eq. 19 on the sampler's batches; the first head_warmup_epochs train only the GCN. Returns
     the last epoch's loss terms when its metric line waits for the final inference."""
     cfg, loss_config, device = t.config.train, t.config.loss, t.accelerator.device
     at = t.state.position
-    # the start's partition; a resumed run reads it back from the file the start wrote
-    t.accelerator.wait_for_everyone()  # the main process wrote it
-    start = t.run.read_initial_assignments() if joint_epochs > 0 else None
+    start = _joint_start(t) if joint_epochs > 0 else None
     start_labels = torch.from_numpy(start).to(device) if start is not None else None
     # The data's cluster marginal, estimated over the steps (see losses.marginal_balance_kl):
     # starts uniform, saved with the checkpoints so that a resumed run continues it.
@@ -345,11 +416,13 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
     final checkpoint and model file."""
     if joint_epochs > 0:
         assignments = inference.assignments(t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator)
+    elif t.state.start_self_labelled:  # no joint phase after the stage: its partition is the result
+        assignments = t.run.read_self_label_assignments()
     else:  # ConvAE + k-means: the start's partition is the result
         assignments, _ = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp,
                                                    t.n, t.config, t.n_clusters, t.accelerator)
     scores = t.score(assignments)
-    start = t.run.read_initial_assignments() if joint_epochs > 0 else None
+    start = _joint_start(t) if joint_epochs > 0 else None
     health = t.health(assignments, start)
     warnings = degenerate_warnings(health, t.n_clusters)
     if pending_line is not None:

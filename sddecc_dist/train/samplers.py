@@ -61,34 +61,39 @@ class PretrainBatches:
         self.steps = None if world_size == 1 else n // (world_size * micro_batch)
         self.steps_per_epoch = math.ceil(n / micro_batch) if self.steps is None else self.steps
         train = config.train
-        # pretrain_steps counts optimiser steps: one per gradient_accumulation_steps micro-batches
-        optimiser_steps = max(1, self.steps_per_epoch // train.gradient_accumulation_steps)
-        self.epochs = max(train.pretrain_epochs, math.ceil(train.pretrain_steps / optimiser_steps))
+        self.epochs = self.epochs_for(train.pretrain_epochs, train.pretrain_steps)
         self.augment = None
         if train.pretrain_augment == "affine":
             self.augment = RandomAffineAugment(train.augment_degrees, train.augment_translate, train.augment_scale)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """(step, encoder input, reconstruction target or None for the input itself) of `epoch`,
-        on the device, from `start_step` on: the same seed gives the same order, so a resumed
-        epoch continues exactly."""
+    def epochs_for(self, epochs: int, optimiser_steps: int) -> int:
+        """At least `epochs`, raised until they hold `optimiser_steps` optimiser steps (one per
+        gradient_accumulation_steps micro-batches)."""
+        per_epoch = max(1, self.steps_per_epoch // self.config.train.gradient_accumulation_steps)
+        return max(epochs, math.ceil(optimiser_steps / per_epoch))
+
+    def epoch(self, epoch: int,
+              start_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(step, the samples' global ids (CPU), encoder input, reconstruction target or None for
+        the input itself) of `epoch`, on the device, from `start_step` on: the same seed gives
+        the same order, so a resumed epoch continues exactly."""
         seed = self.config.seed * 100003 + epoch
         if self.images is None:
-            batches = (images for _, images, _ in stream_batches(
+            batches = ((ids, images) for ids, images, _ in stream_batches(
                 self.config.data_dir, self.micro_batch, self.config.data.shuffle_buffer, seed=seed,
                 manifest=self.manifest, rank=self.rank, world_size=self.world_size, steps=self.steps))
-            batches = ((step, images) for step, images in enumerate(batches) if step >= start_step)  # read past
+            batches = ((step, *batch) for step, batch in enumerate(batches) if step >= start_step)  # read past
         else:
             batches = self._from_memory(seed, start_step)
-        for step, images in batches:
+        for step, ids, images in batches:
             images = images.to(self.device)
             if self.augment is None:
-                yield step, images, None
+                yield step, ids, images, None
                 continue
             warped = self.augment(images)
-            yield step, warped, images if self.config.train.augment_target == "clean" else None
+            yield step, ids, warped, images if self.config.train.augment_target == "clean" else None
 
-    def _from_memory(self, seed: int, start_step: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _from_memory(self, seed: int, start_step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         shards = [self.manifest["shards"][i] for i in rank_shards(self.manifest, self.rank, self.world_size)]
         own = torch.from_numpy(shard_indices(shards))
         order = own[torch.randperm(len(own), generator=torch.Generator().manual_seed(seed))]
@@ -98,7 +103,8 @@ class PretrainBatches:
                 seed * 1009 + extra))] for extra in range(1, passes)])[:self.steps * self.micro_batch]
         for step, start in enumerate(range(0, len(order), self.micro_batch)):
             if step >= start_step:  # a resumed epoch gathers only the batches it has not trained on
-                yield step, self.images[order[start:start + self.micro_batch]]
+                ids = order[start:start + self.micro_batch]
+                yield step, ids, self.images[ids]
 
 
 @dataclass

@@ -20,6 +20,11 @@ class EncoderOutput:
     logvar: torch.Tensor  # (B, d)
     logits: torch.Tensor | None = None  # (B, K): the self-labelling classifier's, when the model has one
 
+    def map(self, fn) -> EncoderOutput:
+        """The same output with `fn` applied to every tensor (e.g. picking rows)."""
+        return EncoderOutput([fn(f) for f in self.features], fn(self.mean), fn(self.logvar),
+                             None if self.logits is None else fn(self.logits))
+
 
 class ImageView(nn.Module):
     """What the networks see of an image batch (model.input_view). `raw`: the pixels. `sobel`:

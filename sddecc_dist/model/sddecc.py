@@ -143,8 +143,7 @@ class SDDECC(nn.Module):
             others = others.nonzero().squeeze(1)
             rest = self.graph_encoding(x[others])
             spread = lambda rows: rows.new_empty((len(x), *rows.shape[1:])).index_put_((others,), rows)  # noqa: E731
-            background = EncoderOutput([spread(f) for f in rest.features], spread(rest.mean), spread(rest.logvar),
-                                       None if rest.logits is None else spread(rest.logits))
+            background = rest.map(spread)
 
         def spliced(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             # value: `values`; gradient: scale times it (the detached term cancels in the value)
@@ -231,10 +230,14 @@ class SDDECC(nn.Module):
         """Eq. 12 + Eq. 13: reconstruction, λ1 · (global + local MI), λ2 · prior KL. `target`:
         what the decoder reconstructs, when not `x` itself (an augmented `x` with a clean target)."""
         encoded = self.encode(x)
+        return self._weighted(self._pretrain_terms(x, encoded, loss_config, target), loss_config)
+
+    def _pretrain_terms(self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig,
+                        target: torch.Tensor | None) -> dict[str, torch.Tensor]:
         terms = self.ddecn_losses(x, encoded, loss_config, target)
         if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
-        return self._weighted(terms, loss_config)
+        return terms
 
     def self_label_loss(self, x: torch.Tensor, labels: torch.Tensor, loss_config: LossConfig,
                         target: torch.Tensor | None = None) -> LossTerms:
@@ -242,9 +245,7 @@ class SDDECC(nn.Module):
         meaningful) plus the cross-entropy of the classifier's logits on `x` (augmented) against
         `labels`, the start's cluster of each image."""
         encoded = self.encode(x)
-        terms = self.ddecn_losses(x, encoded, loss_config, target)
-        if loss_config.uses_prior_kl:
-            terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
+        terms = self._pretrain_terms(x, encoded, loss_config, target)
         terms["self_label_ce"] = nn.functional.cross_entropy(encoded.logits, labels)
         return self._weighted(terms, loss_config)
 
@@ -360,5 +361,4 @@ def auto_strides(image_shape: tuple[int, int, int], n_layers: int, min_top: int 
 
 def _rows(encoded: EncoderOutput, index: torch.Tensor) -> EncoderOutput:
     """The encoder output of the nodes `index` only."""
-    return EncoderOutput([f[index] for f in encoded.features], encoded.mean[index], encoded.logvar[index],
-                         None if encoded.logits is None else encoded.logits[index])
+    return encoded.map(lambda rows: rows[index])

@@ -293,9 +293,8 @@ def _self_label(t: Training) -> None:
         rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
         log(f"self-label epoch {epoch + 1}/{epochs} {_format(means)} ({rate:.0f} samples/s)")
 
-    labels = keep_start_clusters(inference.self_label_assignments(t.core, t.share, t.n, t.accelerator),
-                                 start.cpu().numpy())
-    codes = inference.mean_codes(t.core, t.share, t.n, t.accelerator).numpy()
+    labels, codes = inference.self_label_assignments(t.core, t.share, t.n, t.accelerator)
+    labels = keep_start_clusters(labels, start.cpu().numpy())
     counts = np.bincount(labels, minlength=t.n_clusters)
     with torch.no_grad():
         for cluster in np.flatnonzero(counts):  # a cluster the start left empty too keeps its centre

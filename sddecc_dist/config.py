@@ -257,6 +257,11 @@ class TrainConfig:
         "full", help="full: every joint step is the whole graph (the paper's and SDCN's setting, small sets). "
                      "cluster: Cluster-GCN, each step partitions_per_batch METIS partitions of about "
                      "partition_size nodes, streamed from partition-ordered shards")
+    joint_graph: Literal["knn", "within_start"] = param(
+        "knn", paper="knn", departure="graph cut along the start's clusters",
+        help="the joint phase's graph. knn: the kNN graph (the paper's). within_start: only its edges whose two "
+             "ends share a cluster of the start the joint phase refines, so that the GCN never averages a "
+             "sample with another start cluster's (docs/method.md)")
     partition_size: int = param(1000, min=1, help="nodes per partition of the cluster sampler")
     partitions_per_batch: int = param(4, min=1, help="partitions per cluster-sampler step")
     partition_method: Literal["metis", "random"] = param("metis", help="how the graph is partitioned")

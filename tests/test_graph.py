@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.datasets import load_digits
 
@@ -13,11 +14,14 @@ from sddecc_dist.config import IndexParams
 from sddecc_dist.graph import (
     GraphError,
     build_graph,
+    edges_within,
     knn_graph,
     knn_search,
     load_graph,
     normalized_adjacency,
+    renormalize,
     save_graph,
+    symmetric_adjacency,
     umap_knn,
 )
 
@@ -186,6 +190,26 @@ def test_normalized_adjacency_ignores_self_and_repeated_neighbors() -> None:
     neighbors = np.array([[0, 1, 1], [0, 2, 2], [1, 2, 0]])
     dense = normalized_adjacency(neighbors, 3).to_dense().numpy()
     np.testing.assert_allclose(dense, dense_normalized(neighbors, 3), rtol=1e-6)
+
+
+def test_edges_within_a_partition_match_the_dense_graph_masked() -> None:
+    rng = np.random.default_rng(3)
+    n, k = 40, 4
+    neighbors = np.stack([rng.choice(np.delete(np.arange(n), i), size=k, replace=False) for i in range(n)])
+    partition = rng.integers(0, 3, size=n)
+    within = edges_within(symmetric_adjacency(neighbors, n), partition)
+    a = dense_normalized(neighbors, n) > 0  # A + I
+    np.fill_diagonal(a, False)
+    expected = a & (partition[:, None] == partition[None, :])
+    assert 0 < expected.sum() < a.sum()  # some edges cross the partition, some do not
+    np.testing.assert_array_equal(within.toarray() > 0, expected)
+    # Â of the cut graph: a node whose every neighbour lies in another cluster keeps its self loop only
+    dense = renormalize(within + sp.identity(n, format="csr")).to_dense().numpy()
+    a_cut = expected + np.eye(n)
+    d = 1.0 / np.sqrt(a_cut.sum(axis=1))
+    np.testing.assert_allclose(dense, d[:, None] * a_cut * d[None, :], rtol=1e-6)
+    with pytest.raises(GraphError, match="partition has shape"):
+        edges_within(symmetric_adjacency(neighbors, n), partition[:-1])
 
 
 def test_normalized_adjacency_rejects_bad_indices() -> None:

@@ -50,6 +50,9 @@ def test_local_discriminator_scores_each_location_with_tiled_code():
         v = conv.weight[:, :, 0, 0] @ v + conv.bias
         v = torch.relu(v) if i < 2 else v
     assert torch.allclose(scores[1, 2, 5], v[0], atol=1e-5)
+    # every location: the module's matrix products equal its layers run as convolutions
+    tiled = z[:, :, None, None].expand(-1, -1, 8, 8)
+    torch.testing.assert_close(scores, model.local_disc.net(torch.cat([feature_map, tiled], 1)).squeeze(1))
 
 
 def test_gcn_matches_dense_equations_15_to_17():

@@ -291,10 +291,11 @@ def test_self_labelling_replaces_the_start_and_a_stopped_stage_repeats_exactly(t
 
 def test_warm_up_towards_the_ward_start_learns_it_and_resumes_exactly(tmp_path):
     """train.head_warmup_target=start: the GCN first learns the initial partition (read back
-    from initial_assignments.txt when a run resumes inside the warm-up)."""
+    from initial_assignments.txt when a run resumes inside the warm-up, and the graph cut along
+    it again: train.joint_graph=within_start)."""
     data_dir = tmp_path / "data"
     keys = ("train.center_init=ward", "loss.cluster_prior=init", "train.head_warmup_target=start",
-            "train.head_warmup_epochs=8", "train.eval_every=1")
+            "train.head_warmup_epochs=8", "train.eval_every=1", "train.joint_graph=within_start")
     train(_short_config(tmp_path, data_dir, "a", *keys))
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     start_ce = [line["start_ce"] for line in lines if "start_ce" in line]
@@ -373,6 +374,38 @@ def test_pretraining_batches_from_memory_cover_every_sample_once_per_epoch(tmp_p
     first = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[0])}
     second = {index[tuple(img.flatten().tolist())] for img in torch.cat(per_rank[1])}
     assert first.isdisjoint(second) and max(second) < 1200 <= max(first)
+
+
+@pytest.mark.parametrize("sampler", ["full", "cluster"])
+def test_a_sampler_cut_along_a_partition_propagates_only_inside_its_clusters(tmp_path, sampler):
+    """train.joint_graph=within_start: after keep_edges_within, Â (for inference) and every batch's
+    adjacency join only nodes of one cluster, and Â is the renormalised cut graph."""
+    import scipy.sparse as sp
+
+    from sddecc_dist.data import read_manifest
+    from sddecc_dist.graph import renormalize, to_scipy_csr
+    from sddecc_dist.pipeline import prepare_dataset
+    from sddecc_dist.train.distributed import make_accelerator
+    from sddecc_dist.train.samplers import build_joint_sampler
+
+    prepare_dataset("digits", tmp_path / "data", samples_per_shard=600)
+    config = load_config(ROOT / "configs/digits.yaml", [f"data_dir={tmp_path / 'data'}", f"train.joint_sampler={sampler}",
+                                                        "train.partition_size=200", "train.partitions_per_batch=3"])
+    built = build_joint_sampler(config, read_manifest(tmp_path / "data"), make_accelerator(config))
+    whole = built.sym_adjacency.copy()
+    partition = np.random.default_rng(0).integers(0, 4, size=1797)
+    kept = built.keep_edges_within(partition)
+    coo = whole.tocoo()
+    inside = partition[coo.row] == partition[coo.col]
+    assert kept == pytest.approx(inside.mean()) and 0.1 < kept < 0.5  # four random clusters keep about 1/4
+    expected = sp.csr_matrix((coo.data[inside], (coo.row[inside], coo.col[inside])), shape=whole.shape)
+    expected = to_scipy_csr(renormalize(expected + sp.identity(1797, format="csr")))
+    assert abs(built.adjacency_sp - expected).max() < 1e-7
+    assert (to_scipy_csr(built.adjacency.cpu()) != built.adjacency_sp).nnz == 0
+    for _, batch in built.epoch(0):
+        rows = batch.adjacency.to_sparse_coo().coalesce().indices()
+        ids = partition[batch.ids.numpy()]
+        assert (ids[rows[0].numpy()] == ids[rows[1].numpy()]).all()
 
 
 def test_pretraining_learning_rate_warm_up_is_linear_then_constant():

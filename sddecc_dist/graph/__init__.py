@@ -5,6 +5,7 @@ which graph is the pipeline's business (sddecc_dist.pipeline)."""
 
 from .adjacency import (
     build_graph,
+    edges_within,
     load_graph,
     load_neighbors,
     normalized_adjacency,
@@ -37,6 +38,7 @@ __all__ = [
     "assign_shards",
     "build_graph",
     "build_graph_sharded",
+    "edges_within",
     "graph_fingerprint",
     "induced_adjacency",
     "inside_edge_fraction",

@@ -75,6 +75,20 @@ def normalized_adjacency(neighbors: np.ndarray, n_nodes: int) -> torch.Tensor:
     return renormalize(adj + sp.identity(n_nodes, dtype=np.float64, format="csr"))
 
 
+def edges_within(sym_adjacency: sp.csr_matrix, partition: np.ndarray) -> sp.csr_matrix:
+    """The edges of a symmetric graph whose two ends lie in the same cluster of `partition`
+    (one cluster index per node): the graph cut along the partition's boundaries, still
+    symmetric, with sorted indices."""
+    partition = np.asarray(partition)
+    if partition.shape != (sym_adjacency.shape[0],):
+        raise GraphError(f"the partition has shape {partition.shape}, the graph {sym_adjacency.shape[0]} nodes")
+    coo = sym_adjacency.tocoo()
+    keep = partition[coo.row] == partition[coo.col]
+    within = sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=sym_adjacency.shape)
+    within.sort_indices()
+    return within
+
+
 def renormalize(adj_with_self_loops: sp.spmatrix) -> torch.Tensor:
     """D^-1/2 M D^-1/2 of a symmetric sparse M (already holding its self loops) as a float32
     torch CSR tensor, with D the row sums of M computed in float64.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import kornia
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass
@@ -150,7 +151,13 @@ class LocalDiscriminator(nn.Module):
     def forward(self, feature_map: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Returns one score per location, (B, M, M)."""
         tiled = z[:, :, None, None].expand(-1, -1, *feature_map.shape[2:])
-        return self.net(torch.cat([feature_map, tiled], dim=1)).squeeze(1)
+        # A 1x1 conv is a linear map of each location's channels: applied as one matrix product
+        # over all B·M·M locations (channels last) it takes half the time of the convolutions
+        # on CPU (their backward dominated the pretraining step), with the same weights.
+        h = torch.cat([feature_map, tiled], dim=1).permute(0, 2, 3, 1)
+        for layer in self.net:
+            h = F.linear(h, layer.weight.flatten(1), layer.bias) if isinstance(layer, nn.Conv2d) else layer(h)
+        return h.squeeze(-1)
 
 
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ is given; how the graph is cut into batches is the sampler's business:
 
 A new sampler is one class with the same four members (`steps_per_epoch`, `epoch`,
 `node_share`, `state_dict`) and the graph for the start and inference (`adjacency`,
-`adjacency_sp`). Building a sampler runs the stages it needs (graph, partitions): call it
+`adjacency_sp`, from `sym_adjacency`, which `keep_edges_within` can cut along a partition). Building a sampler runs the stages it needs (graph, partitions): call it
 inside `accelerator.main_process_first()`.
 """
 
@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 from accelerate import Accelerator
@@ -39,7 +40,14 @@ from sddecc_dist.data import (
 )
 from sddecc_dist.data.augment import RandomAffineAugment
 from sddecc_dist.data import steps_per_epoch as partition_steps
-from sddecc_dist.graph import induced_adjacency, load_neighbors, symmetric_adjacency, to_scipy_csr
+from sddecc_dist.graph import (
+    edges_within,
+    induced_adjacency,
+    load_neighbors,
+    renormalize,
+    symmetric_adjacency,
+    to_scipy_csr,
+)
 from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path, graph_view
 from sddecc_dist.train.inference import NodeShare, node_share
 
@@ -124,6 +132,8 @@ class GraphBatch:
 class JointSampler(ABC):
     adjacency: torch.Tensor | None  # Â of the whole graph (device), for the start's smoothing
     adjacency_sp: sp.csr_matrix | None  # the same as scipy CSR, for inference and the Ward start
+    sym_adjacency: sp.csr_matrix | None  # A (symmetric, unweighted, no self loops) that Â normalises
+    device: torch.device
 
     @property
     @abstractmethod
@@ -146,6 +156,29 @@ class JointSampler(ABC):
         """Every image by global index (CPU) when the sampler holds them, else None."""
         return None
 
+    def keep_edges_within(self, partition: np.ndarray) -> float:
+        """From here on the graph holds only the edges inside `partition`'s clusters (train.joint_graph=within_start):
+        Â, its scipy copy and the subgraphs the batches induce. Returns the fraction of edges kept."""
+        within = edges_within(self.sym_adjacency, partition)
+        kept = within.nnz / max(self.sym_adjacency.nnz, 1)
+        self._set_graph(within)
+        return kept
+
+    def _set_graph(self, sym_adjacency: sp.csr_matrix) -> None:
+        self.sym_adjacency = sym_adjacency
+        adjacency = renormalize(sym_adjacency + sp.identity(sym_adjacency.shape[0], dtype=np.float64, format="csr"))
+        self.adjacency_sp = to_scipy_csr(adjacency)
+        self.adjacency = adjacency.to(self.device)
+
+    def _load_graph(self, config: Config, manifest: dict, images: torch.Tensor | None) -> str:
+        """The data folder's kNN graph (built and saved first when missing); returns its view."""
+        _check_k(config, manifest["count"])
+        view = graph_view(config, manifest)
+        ensure_graph(config.data_dir, config.graph.k, images, config.graph.use_gpu, params=config.graph, view=view)
+        neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
+        self._set_graph(symmetric_adjacency(neighbors, manifest["count"]))
+        return view
+
 
 def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator) -> JointSampler:
     if config.train.joint_sampler == "cluster":
@@ -163,15 +196,11 @@ class FullGraphSampler(JointSampler):
 
     def __init__(self, config: Config, manifest: dict, accelerator: Accelerator):
         self.config, self.manifest, self.accelerator = config, manifest, accelerator
-        self.n = manifest["count"]
+        self.n, self.device = manifest["count"], accelerator.device
         self.images, self.labels = load_all(config.data_dir, manifest)
-        self.adjacency = self.adjacency_sp = None
+        self.adjacency = self.adjacency_sp = self.sym_adjacency = None
         if config.model.use_gcn:
-            _check_k(config, self.n)
-            adjacency = ensure_graph(config.data_dir, config.graph.k, self.images, config.graph.use_gpu,
-                                     params=config.graph, view=graph_view(config, manifest))
-            self.adjacency_sp = to_scipy_csr(adjacency)
-            self.adjacency = adjacency.to(accelerator.device)
+            self._load_graph(config, manifest, self.images)
         self._share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes,
                                  config.train.inference_batch_size, self.images, self.labels)
         self._images = None  # on the device, at the first batch
@@ -208,19 +237,12 @@ class ClusterGCNSampler(JointSampler):
             raise ConfigError("train.joint_sampler=cluster needs the GCN (model.use_gcn=true)")
         train = config.train
         self.config, self.manifest, self.accelerator = config, manifest, accelerator
-        self.n = manifest["count"]
-        _check_k(config, self.n)
+        self.n, self.device = manifest["count"], accelerator.device
         self.n_parts = max(1, math.ceil(self.n / train.partition_size))
-        view = graph_view(config, manifest)
-        adjacency = ensure_graph(config.data_dir, config.graph.k, None, config.graph.use_gpu, params=config.graph,
-                                 view=view)
+        view = self._load_graph(config, manifest, None)
         self.part_dir = ensure_partitioned_shards(config.data_dir, config.graph.k, self.n_parts,
                                                   train.partition_method, train.partitions_per_shard,
                                                   seed=config.seed, view=view)
-        self.adjacency_sp = to_scipy_csr(adjacency)
-        self.adjacency = adjacency.to(accelerator.device)
-        neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
-        self.sym_adjacency = symmetric_adjacency(neighbors, self.n)
         self.part_manifest = read_partitioned_manifest(self.part_dir)
         self._steps = partition_steps(self.part_manifest, train.partitions_per_batch, accelerator.num_processes)
         self._share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes,

@@ -13,8 +13,9 @@ is given; how the graph is cut into batches is the sampler's business:
 
 A new sampler is one class with the same four members (`steps_per_epoch`, `epoch`,
 `node_share`, `state_dict`) and the graph for the start and inference (`adjacency`,
-`adjacency_sp`, from `sym_adjacency`, which `keep_edges_within` can cut along a partition). Building a sampler runs the stages it needs (graph, partitions): call it
-inside `accelerator.main_process_first()`.
+`adjacency_sp`, normalised from `sym_adjacency`, which `keep_edges_within` can cut along a
+partition). Building a sampler runs the stages it needs (graph, partitions): call it inside
+`accelerator.main_process_first()`.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ class JointSampler(ABC):
         return None
 
     def keep_edges_within(self, partition: np.ndarray) -> float:
-        """From here on the graph holds only the edges inside `partition`'s clusters (train.joint_graph=within_start):
-        Â, its scipy copy and the subgraphs the batches induce. Returns the fraction of edges kept."""
+        """From here on the graph holds only the edges inside `partition`'s clusters
+        (train.joint_graph=within_start): Â, its scipy copy and the subgraphs the batches
+        induce. Returns the fraction of edges kept."""
         within = edges_within(self.sym_adjacency, partition)
         kept = within.nnz / max(self.sym_adjacency.nnz, 1)
         self._set_graph(within)

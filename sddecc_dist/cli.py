@@ -46,12 +46,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config (see configs/); repeat it to stack files, later ones override "
                              "(e.g. --config configs/paper/usps.yaml --config configs/ablations/convae.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--new-version", action="store_true",
+                        help="the run folder holds an earlier run: move it into RUN/previous/TIME/ and start anew")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. seed=1 output_dir=runs/x train.joint_epochs=50")
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    overrides = (list(args.overrides) + (["train.resume=true"] if args.resume else [])
+                 + (["train.new_version=true"] if args.new_version else []))
     return train(load_config(args.config, overrides))
 
 

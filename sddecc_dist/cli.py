@@ -255,9 +255,23 @@ def main(argv: list[str] | None = None) -> int:
         args.only = [o for o in args.only if "=" not in o] or None
         if args.only is None:
             parser.error("--only needs at least one variant name before the key=value overrides")
+    return run_reporting_errors(args.func, args)
+
+
+def run_reporting_errors(func, *args) -> int:
+    """Call `func(*args)`; a bad input (the project's errors: ConfigError, DataError, GraphError,
+    RunFolderError, all ValueErrors) or an unwritable file (OSError: read-only, no permission,
+    disk full) ends in one line that names it and exit status 2 or 1, without a traceback.
+    SDDECC_DEBUG=1 in the environment re-raises them, traceback and all."""
     try:
-        args.func(args)
-    except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages
+        func(*args)
+    except (ValueError, OSError) as error:
+        if os.environ.get("SDDECC_DEBUG"):
+            raise
+        if isinstance(error, OSError):
+            where = f"{error.filename}: " if error.filename else ""
+            console.print(f"[red]error:[/red] {where}{error.strerror or error} (SDDECC_DEBUG=1 shows the traceback)")
+            return 1
         console.print(f"[red]error:[/red] {error}")
         return 2
     return 0

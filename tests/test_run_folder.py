@@ -129,3 +129,27 @@ def test_resume_without_a_checkpoint_moves_the_unfinished_run_aside(finished, tm
     (moved,) = (run / RunFolder.PREVIOUS).iterdir()
     assert (moved / "config.yaml").read_text() == "name: died-early\n"
     assert RunFolder(run).is_finished
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_in_one_line(finished, tmp_path):
+    tmp, _ = finished
+    (tmp_path / "a-file").write_text("not a folder")
+    out = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/digits.yaml",
+                          f"data_dir={tmp / 'data'}", f"output_dir={tmp_path / 'a-file' / 'run'}"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"output_dir {tmp_path / 'a-file' / 'run'} cannot be written: Not a directory" in " ".join(out.stderr.split())
+
+
+def test_os_errors_end_in_one_line_naming_the_file_unless_debugging(monkeypatch, capsys):
+    from sddecc_dist.cli import run_reporting_errors
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device", "/runs/x/checkpoints/final.pt")
+
+    monkeypatch.delenv("SDDECC_DEBUG", raising=False)
+    assert run_reporting_errors(full_disk) == 1
+    assert "/runs/x/checkpoints/final.pt: No space left on device" in capsys.readouterr().err
+    monkeypatch.setenv("SDDECC_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        run_reporting_errors(full_disk)

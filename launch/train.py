@@ -7,13 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from sddecc_dist.cli import add_train_arguments, console, run_train  # noqa: E402
+from sddecc_dist.cli import add_train_arguments, run_reporting_errors, run_train  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train SDDECC (see configs/ and README.md)")
     add_train_arguments(parser)
-    try:
-        run_train(parser.parse_args())
-    except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages
-        console.print(f"[red]error:[/red] {error}")
-        sys.exit(2)
+    sys.exit(run_reporting_errors(run_train, parser.parse_args()))

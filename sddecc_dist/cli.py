@@ -46,12 +46,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config (see configs/); repeat it to stack files, later ones override "
                              "(e.g. --config configs/paper/usps.yaml --config configs/ablations/convae.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--new-version", action="store_true",
+                        help="the run folder holds an earlier run: move it into RUN/previous/TIME/ and start anew")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. seed=1 output_dir=runs/x train.joint_epochs=50")
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    overrides = (list(args.overrides) + (["train.resume=true"] if args.resume else [])
+                 + (["train.new_version=true"] if args.new_version else []))
     return train(load_config(args.config, overrides))
 
 
@@ -252,9 +255,23 @@ def main(argv: list[str] | None = None) -> int:
         args.only = [o for o in args.only if "=" not in o] or None
         if args.only is None:
             parser.error("--only needs at least one variant name before the key=value overrides")
+    return run_reporting_errors(args.func, args)
+
+
+def run_reporting_errors(func, *args) -> int:
+    """Call `func(*args)`; a bad input (the project's errors: ConfigError, DataError, GraphError,
+    RunFolderError, all ValueErrors) or an unwritable file (OSError: read-only, no permission,
+    disk full) ends in one line that names it and exit status 2 or 1, without a traceback.
+    SDDECC_DEBUG=1 in the environment re-raises them, traceback and all."""
     try:
-        args.func(args)
-    except ValueError as error:  # ConfigError, DataError, GraphError: user-facing messages
+        func(*args)
+    except (ValueError, OSError) as error:
+        if os.environ.get("SDDECC_DEBUG"):
+            raise
+        if isinstance(error, OSError):
+            where = f"{error.filename}: " if error.filename else ""
+            console.print(f"[red]error:[/red] {where}{error.strerror or error} (SDDECC_DEBUG=1 shows the traceback)")
+            return 1
         console.print(f"[red]error:[/red] {error}")
         return 2
     return 0

@@ -250,6 +250,9 @@ class TrainConfig:
     checkpoint_every: int = param(25, min=1, help="epochs (either phase) between periodic checkpoints")
     keep_checkpoints: int = param(2, min=1, help="newest checkpoint folders kept in RUN/checkpoints")
     resume: bool = param(False, help="continue from the latest valid checkpoint in the run folder")
+    new_version: bool = param(False, help="output_dir holds an earlier run: move it whole into "
+                                          "output_dir/previous/TIME/ and start a new one (without this or "
+                                          "resume, a fresh run into a folder that holds a run refuses)")
     init_from: str | None = param(None, help="a pretrained model file (a run's checkpoints/pretrain.pt): skip "
                                              "pretraining, rerun the start and joint phase alone")
     num_threads: int | None = param(None, min=1, help="torch intra-op threads; None leaves torch's default")
@@ -380,6 +383,9 @@ def validate(config: Config) -> None:
     if config.train.self_label_epochs and not model.self_label_head:
         raise ConfigError("train.self_label_epochs trains model.self_label_head: set model.self_label_head=true "
                           "(or train.self_label_epochs=0)")
+    if config.train.resume and config.train.new_version:
+        raise ConfigError("train.resume continues the run in output_dir and train.new_version moves it aside to "
+                          "start anew: choose one")
     if config.train.center_init == "ward" and not model.use_gcn:
         raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
                           "(model.use_gcn=false): use kmeans")

@@ -12,8 +12,11 @@
           trainer_state.json     the trainer's own state, beside Accelerate's files
         .tmp-ckpt-.../           one being written (never read)
         pretrain.pt, final.pt    model files: weights and config (`write_model_file`, `load_model`)
-      checkpoints.previous/      an earlier run's checkpoints, set aside by a fresh run
+      previous/TIME/             an earlier run of this folder, moved there whole by `--new-version`
+      .lock                      while a training runs here: its host, pid and Slurm job (RunLock)
 
+A run folder is never overwritten: a fresh run into a folder that holds a run refuses, unless
+it is told to continue it (`--resume`) or to move it into previous/ first (`--new-version`).
 The trainer writes through a RunFolder; the report, plots, `evaluate` and the analysis scripts
 read through one. Model files are read by one reader (`read_model_file`, `load_model`), used by
 training's `init_from`, plots and scripts alike.
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ from sddecc_dist.data import read_manifest
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text
 
-__all__ = ["METRICS_REQUIRED_KEYS", "SCORE_KEYS", "RunFolder", "RunFolderError", "TrainedModel",
+__all__ = ["METRICS_REQUIRED_KEYS", "SCORE_KEYS", "RunFolder", "RunFolderError", "RunLock", "TrainedModel",
            "load_model", "read_model_file"]
 
 # Keys metrics.json must hold; acc/nmi/ari come together, and only when the data has labels.
@@ -67,8 +72,13 @@ class RunFolder:
     INITIAL_ASSIGNMENTS = "initial_assignments.txt"
     SELF_LABEL_ASSIGNMENTS = "self_label_assignments.txt"
     CHECKPOINTS = "checkpoints"
-    PREVIOUS_CHECKPOINTS = "checkpoints.previous"
     TRAINER_STATE = "trainer_state.json"
+    PREVIOUS = "previous"
+    LOCK = ".lock"
+    # What a run writes at the folder's top level (checkpoints.previous: older trainers set an
+    # earlier run's checkpoints aside there). Anything else in the folder is not the run's.
+    RUN_ENTRIES = (CONFIG, METRICS, METRICS_LOG, ASSIGNMENTS, INITIAL_ASSIGNMENTS, SELF_LABEL_ASSIGNMENTS,
+                   CHECKPOINTS, "checkpoints.previous")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -106,8 +116,12 @@ class RunFolder:
         return self.path / self.CHECKPOINTS
 
     @property
-    def previous_checkpoints(self) -> Path:
-        return self.path / self.PREVIOUS_CHECKPOINTS
+    def previous(self) -> Path:
+        return self.path / self.PREVIOUS
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / self.LOCK
 
     def model_file(self, name: str) -> Path:
         """checkpoints/pretrain.pt or checkpoints/final.pt."""
@@ -147,17 +161,25 @@ class RunFolder:
     def is_run_folder(self) -> bool:
         return self.is_finished or self.is_started
 
-    def holds_earlier_run(self) -> bool:
-        return (self.checkpoints.is_dir() and any(self.checkpoints.iterdir())) or self.metrics_log_path.exists()
+    def run_entries(self) -> list[Path]:
+        """The files and folders of a run present here (an empty checkpoints/ is none)."""
+        entries = [self.path / name for name in self.RUN_ENTRIES if (self.path / name).exists()]
+        return [p for p in entries if not (p.is_dir() and not any(p.iterdir()))]
 
-    def set_aside_checkpoints(self) -> None:
-        """A fresh run in a used folder: the earlier run's checkpoints go to
-        checkpoints.previous/ (replacing an older set there) and its log is removed."""
-        if self.previous_checkpoints.exists():
-            shutil.rmtree(self.previous_checkpoints)
-        self.checkpoints.rename(self.previous_checkpoints)
-        self.checkpoints.mkdir()
-        self.metrics_log_path.unlink(missing_ok=True)
+    def holds_run(self) -> bool:
+        return bool(self.run_entries())
+
+    def move_to_previous(self) -> Path:
+        """Move the run held here into previous/TIME/ (UTC, seconds) by renaming its entries:
+        nothing is copied, replaced or deleted. Returns that folder."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target, suffix = self.previous / stamp, 1
+        while target.exists():
+            target, suffix = self.previous / f"{stamp}-{suffix}", suffix + 1
+        target.mkdir(parents=True)
+        for entry in self.run_entries():
+            entry.rename(target / entry.name)
+        return target
 
     # ---- writing (the trainer, the baselines) -----------------------------------------------
     def write_config(self, config: Config | dict) -> None:
@@ -288,6 +310,87 @@ class RunFolder:
     def load_model(self, name: str = "final", data_dir: str | Path | None = None) -> TrainedModel:
         """The model of checkpoints/pretrain.pt or final.pt (see `load_model`)."""
         return load_model(self.model_file(name), data_dir)
+
+
+class RunLock:
+    """RUN/.lock: one training writes into a run folder at a time.
+
+    The lock file holds its owner's host, pid, Slurm job id and start time; it is created with
+    O_EXCL, so two processes cannot both take it. A lock is stale, and is taken over, when its
+    owner is a process of this host that no longer runs, or the same Slurm job (a requeued job
+    keeps its id and may land on another node). A lock of a live process, or of another host
+    outside this job, is held: `acquire` refuses with a message that names the owner."""
+
+    def __init__(self, run: RunFolder, owner: dict):
+        self.run, self.owner = run, owner
+
+    @classmethod
+    def acquire(cls, run: RunFolder) -> tuple[RunLock, str | None]:
+        """Take the lock (creating the folder); returns it and, when a stale lock was taken
+        over, a line saying whose. Raises RunFolderError when the lock is held or the folder
+        cannot be written."""
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            if cls._create(run.lock_path, owner):
+                return cls(run, owner), None
+            held = cls._read(run.lock_path)
+            if not cls._is_stale(held, owner):
+                raise RunFolderError(
+                    f"{run.path} is in use: a training runs there (pid {held.get('pid')} on {held.get('host')}, "
+                    f"since {held.get('started')}); wait for it to end or choose another output_dir. If no such "
+                    f"process runs, delete {run.lock_path}")
+            run.lock_path.unlink(missing_ok=True)
+            if not cls._create(run.lock_path, owner):  # another process took it over first
+                raise RunFolderError(f"{run.path} is in use: another process took its stale lock just now")
+        except OSError as error:
+            raise RunFolderError(f"output_dir {run.path} cannot be written: {error.strerror or error}") from error
+        return cls(run, owner), f"took over the stale lock of pid {held.get('pid')} on {held.get('host')}"
+
+    def release(self) -> None:
+        """Remove the lock file, if it is still this process's."""
+        if self._read(self.run.lock_path).get("pid") == self.owner["pid"]:
+            self.run.lock_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create(path: Path, owner: dict) -> bool:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):  # gone, or cut short by its writer's death
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    @staticmethod
+    def _is_stale(held: dict, owner: dict) -> bool:
+        if not held:  # unreadable: its writer died between creating and writing it
+            return True
+        if held.get("slurm_job_id") and held.get("slurm_job_id") == owner["slurm_job_id"]:
+            return True  # this job, before it was requeued
+        if held.get("host") != owner["host"]:
+            return False  # a process elsewhere: nothing here can tell whether it still runs
+        pid = held.get("pid")
+        if not isinstance(pid, int) or pid == owner["pid"]:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # it runs, as another user
+            return False
+        return False
 
 
 def read_model_file(path: str | Path) -> tuple[Config, dict]:

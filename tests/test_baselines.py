@@ -92,3 +92,13 @@ def test_folder_without_manifest_is_named(tmp_path):
 def test_fewer_than_two_clusters_is_refused(digits_dir, tmp_path):
     with pytest.raises(ValueError, match="n_clusters=1 must be at least 2"):
         kmeans_on_pixels(digits_dir, tmp_path / "run", n_clusters=1)
+
+
+def test_a_baseline_into_a_folder_holding_a_run_is_refused(digits_dir, digits_baseline):
+    from sddecc_dist.run_folder import RunFolderError
+
+    _, run = digits_baseline
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(RunFolderError, match="holds a run already"):
+        kmeans_on_pixels(digits_dir, run, seed=1)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -71,6 +71,12 @@ def test_bad_values_are_rejected_clearly(override, message):
         load_config("configs/digits.yaml", [override])
 
 
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x81 not text")
+    with pytest.raises(ConfigError, match=r"config file .*binary.yaml is not text \(UTF-8\)"):
+        load_config(tmp_path / "binary.yaml")
+
+
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config("configs/nope.yaml")

@@ -38,6 +38,10 @@ def test_degenerate_results_are_named():
                                                  "one cluster holds 100% of the samples"]
     healthy = cluster_health(np.arange(10) % 5, 5)
     assert degenerate_warnings(healthy, 5) == []
+    # two clusters: 54 % in one is a plain class imbalance (USPS digits 0 and 1), 80 % is not
+    assert degenerate_warnings({"clusters_used": 2, "size_max": 0.54}, 2) == []
+    assert degenerate_warnings({"clusters_used": 2, "size_max": 0.8}, 2) == ["one cluster holds 80% of the samples"]
+    assert degenerate_warnings({"clusters_used": 3, "size_max": 0.54}, 3) == ["one cluster holds 54% of the samples"]
 
 
 def test_silhouette_needs_only_its_sample_codes_and_is_scikit_learns_sampled_one():

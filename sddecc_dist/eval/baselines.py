@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 from sddecc_dist.data import DataError, load_all, read_manifest
 from sddecc_dist.data.shards import MANIFEST_NAME
 from sddecc_dist.eval.metrics import clustering_scores
-from sddecc_dist.run_folder import RunFolder
+from sddecc_dist.run_folder import RunFolder, RunFolderError
 from sddecc_dist.utils import console, peak_memory_mib
 
 __all__ = ["KMEANS_PIXELS_METHOD", "kmeans_on_pixels"]
@@ -45,6 +45,8 @@ def kmeans_on_pixels(
                         f"run `sddecc prepare SOURCE --out {data_dir}` first")
     if n_init < 1:
         raise ValueError(f"n_init={n_init} must be at least 1")
+    if RunFolder(output_dir).holds_run():  # a run folder is never overwritten (run_folder.py)
+        raise RunFolderError(f"{output_dir} holds a run already: choose another output folder for the baseline")
     manifest = read_manifest(data_dir)
     k = n_clusters if n_clusters is not None else manifest.get("n_classes")
     if k is None:

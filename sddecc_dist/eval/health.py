@@ -69,6 +69,8 @@ def degenerate_warnings(health: dict, n_clusters: int) -> list[str]:
     warnings = []
     if health["clusters_used"] < n_clusters:
         warnings.append(f"only {health['clusters_used']} of {n_clusters} clusters hold samples")
-    if n_clusters >= 2 and health["size_max"] > DEGENERATE_LARGEST:
+    # Half the samples in one cluster is degenerate for K >= 3; with K = 2 one of the two always
+    # holds half or more, so there it takes 1.5 times its even share (75 %).
+    if n_clusters >= 2 and health["size_max"] > max(DEGENERATE_LARGEST, 1.5 / n_clusters):
         warnings.append(f"one cluster holds {health['size_max']:.0%} of the samples")
     return warnings

@@ -114,7 +114,7 @@ class Checkpointer:
         if not complete and legacy:
             raise ConfigError(f"checkpoint {legacy[0]} was written by an older sddecc-dist (position.json, no "
                               f"{RunFolder.TRAINER_STATE}) and cannot be resumed by this one; start the run "
-                              f"afresh (without --resume: the old checkpoints are set aside)")
+                              f"anew with --new-version (the old run moves to {self.run.previous}/)")
         for folder in complete:
             try:
                 path = self.run.trainer_state_path(folder)

@@ -1,6 +1,7 @@
 """The SDDECC training loop, start to finish, in one place.
 
-    1. data:     shards (prepared if missing); each rank streams its own share
+    1. data:     shards (prepared if missing); each rank streams its own share. Then the run
+                 folder is locked for this run, or refused if it holds another (never overwritten)
     2. graph:    the joint sampler builds what it needs (kNN graph, for Cluster-GCN partitions)
     3. pretrain: DDECN = reconstruction + λ1 MI (global, local) + λ2 prior KL, minibatches
     4. start:    k-means, Ward or UMAP + GMM on the pretrained mean codes -> μ_y
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, gather_object, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, set_seed
 from rich.progress import Progress
 
 from sddecc_dist.config import Config, ConfigError, method_name
@@ -36,7 +37,7 @@ from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.initial_partition import keep_start_clusters
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import prepare_dataset
-from sddecc_dist.run_folder import RunFolder, read_model_file
+from sddecc_dist.run_folder import RunFolder, RunFolderError, RunLock, read_model_file
 from sddecc_dist.train import inference
 from sddecc_dist.train.checkpoint import Checkpointer, Position, TrainerState
 from sddecc_dist.train.distributed import (
@@ -51,7 +52,7 @@ from sddecc_dist.train.distributed import (
     sync_master_weights,
 )
 from sddecc_dist.train.inference import NodeShare
-from sddecc_dist.train.samplers import JointSampler, PretrainBatches, build_joint_sampler
+from sddecc_dist.train.samplers import JointSampler, PretrainBatches, build_joint_sampler, check_graph_k
 from sddecc_dist.utils import peak_memory_mib
 
 
@@ -111,24 +112,33 @@ def train(config: Config) -> dict:
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     accelerator = make_accelerator(config)
-    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # the same on every rank: same initial weights, same k-means
     run = RunFolder(config.output_dir)
-    if accelerator.is_main_process:
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    if not config.train.resume:
-        _set_aside_previous(run, accelerator)
-    if accelerator.is_main_process:
-        run.write_config(config)
 
-    # 1. data ------------------------------------------------------------------------------------
+    # 1. data, checked (and prepared when missing) before the run folder is touched -----------------
     manifest = _prepare_data(config, accelerator)
     n = manifest["count"]
     n_clusters = config.n_clusters or manifest.get("n_classes")
     if not n_clusters:
         raise ConfigError(f"{config.data_dir}/dataset.json gives no number of classes: set n_clusters=K")
-    micro_batch = _micro_batch(config, world, n)
+    if n_clusters > n:
+        raise ConfigError(f"n_clusters={n_clusters} is more than the {n} samples of {config.data_dir}")
+    if config.model.use_gcn:
+        check_graph_k(config, n)
+    micro_batch = _micro_batch(config, accelerator.num_processes, n)
+
+    # the run folder: locked for this run, or refused before anything is written to it
+    lock = _take_run_folder(run, config, accelerator)
+    try:
+        return _train(config, accelerator, run, manifest, n_clusters, micro_batch, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Config, accelerator: Accelerator, run: RunFolder, manifest: dict, n_clusters: int,
+           micro_batch: int, started: float) -> dict:
+    rank, world, n = accelerator.process_index, accelerator.num_processes, manifest["count"]
 
     # 2. the joint sampler and the graph it needs -------------------------------------------------
     with accelerator.main_process_first():  # rank 0 builds missing artifacts, the others then read them
@@ -164,11 +174,12 @@ def train(config: Config) -> dict:
             state = restored
         else:
             log(f"[yellow]no checkpoint in {run.checkpoints}: starting from scratch")
-            _set_aside_previous(run, accelerator)
     if state.sampler and state.sampler != sampler.state_dict():
         raise ConfigError(f"the checkpoint in {run.checkpoints} was written with the joint sampler {state.sampler}, "
                           f"this run has {sampler.state_dict()}: resume with the same settings")
     state.sampler = sampler.state_dict()
+    if config.train.resume and accelerator.is_main_process:  # the checkpoint was accepted
+        run.write_config(config)
 
     with StopSignal() as stop, progress_bars() as progress:
         in_memory = None
@@ -508,14 +519,40 @@ def _micro_batch(config: Config, world: int, n: int) -> int:
     return micro_batch
 
 
-def _set_aside_previous(run: RunFolder, accelerator: Accelerator) -> None:
-    """A fresh run in a used folder: keep the earlier run's checkpoints in checkpoints.previous/
-    (so --resume cannot mix the two) and start a new log."""
-    if accelerator.is_main_process and run.holds_earlier_run():
-        log(f"[yellow]{run.path} holds an earlier run: starting over, its checkpoints "
-            f"moved to {RunFolder.PREVIOUS_CHECKPOINTS}/ (use --resume to continue a run instead)")
-        run.set_aside_checkpoints()
-    accelerator.wait_for_everyone()
+def _take_run_folder(run: RunFolder, config: Config, accelerator: Accelerator) -> RunLock | None:
+    """Lock the run folder for this run and write a new run's config, or refuse on every rank
+    before anything is written there. A folder that holds a run is continued (train.resume), moved
+    whole into previous/TIME/ (train.new_version), or refused: no run replaces another's files.
+    Returns the lock on the main process (None on the others)."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, took_over = RunLock.acquire(run)
+            if took_over:
+                log(f"[yellow]{run.path}: {took_over}")
+            resumable = any(run.trainer_state_path(p).is_file() for p in run.checkpoint_dirs())
+            if run.holds_run() and not (config.train.resume and resumable):
+                if not (config.train.new_version or config.train.resume):
+                    held = ", ".join(p.name for p in run.run_entries())
+                    raise RunFolderError(
+                        f"{run.path} holds a run ({held}): continue it with --resume (train.resume=true), move it "
+                        f"into {run.previous}/TIME/ and start anew with --new-version (train.new_version=true), "
+                        f"or choose another output_dir")
+                moved = run.move_to_previous()
+                why = "no checkpoint to resume" if config.train.resume else "train.new_version"
+                log(f"[yellow]{run.path}: its earlier run moved to {moved} ({why}); starting anew")
+            run.checkpoints.mkdir(exist_ok=True)
+            if not (config.train.resume and resumable):  # a resumed run's, once its checkpoint is accepted
+                run.write_config(config)
+        except (RunFolderError, OSError) as error:
+            refusal = str(error) if isinstance(error, RunFolderError) else f"{run.path} cannot be written: {error}"
+            if lock is not None:
+                lock.release()
+                lock = None
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise RunFolderError(refusal)
+    return lock
 
 
 def warmed_up_lr(lr: float, optimiser_step: int, warmup_steps: int) -> float:

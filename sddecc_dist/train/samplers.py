@@ -174,7 +174,7 @@ class JointSampler(ABC):
 
     def _load_graph(self, config: Config, manifest: dict, images: torch.Tensor | None) -> str:
         """The data folder's kNN graph (built and saved first when missing); returns its view."""
-        _check_k(config, manifest["count"])
+        check_graph_k(config, manifest["count"])
         view = graph_view(config, manifest)
         ensure_graph(config.data_dir, config.graph.k, images, config.graph.use_gpu, params=config.graph, view=view)
         neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
@@ -188,7 +188,7 @@ def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator
     return FullGraphSampler(config, manifest, accelerator)
 
 
-def _check_k(config: Config, n: int) -> None:
+def check_graph_k(config: Config, n: int) -> None:
     if config.graph.k >= n:
         raise ConfigError(f"graph.k={config.graph.k} must be smaller than the number of samples ({n})")
 

@@ -530,7 +530,8 @@ def _take_run_folder(run: RunFolder, config: Config, accelerator: Accelerator) -
             lock, took_over = RunLock.acquire(run)
             if took_over:
                 log(f"[yellow]{run.path}: {took_over}")
-            resumable = any(run.trainer_state_path(p).is_file() for p in run.checkpoint_dirs())
+            # any checkpoint folder: the checkpointer decides what it holds (an older format is refused there)
+            resumable = bool(run.checkpoint_dirs())
             if run.holds_run() and not (config.train.resume and resumable):
                 if not (config.train.new_version or config.train.resume):
                     held = ", ".join(p.name for p in run.run_entries())

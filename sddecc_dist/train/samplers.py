@@ -166,9 +166,12 @@ class JointSampler(ABC):
         self._set_graph(within)
         return kept
 
-    def _set_graph(self, sym_adjacency: sp.csr_matrix) -> None:
+    def _set_graph(self, sym_adjacency: sp.csr_matrix, adjacency: torch.Tensor | None = None) -> None:
+        """A, and Â: the given one (the graph artifact's), else D^-1/2 (A + I) D^-1/2 of A."""
         self.sym_adjacency = sym_adjacency
-        adjacency = renormalize(sym_adjacency + sp.identity(sym_adjacency.shape[0], dtype=np.float64, format="csr"))
+        if adjacency is None:
+            adjacency = renormalize(sym_adjacency + sp.identity(sym_adjacency.shape[0], dtype=np.float64,
+                                                                format="csr"))
         self.adjacency_sp = to_scipy_csr(adjacency)
         self.adjacency = adjacency.to(self.device)
 
@@ -176,9 +179,10 @@ class JointSampler(ABC):
         """The data folder's kNN graph (built and saved first when missing); returns its view."""
         check_graph_k(config, manifest["count"])
         view = graph_view(config, manifest)
-        ensure_graph(config.data_dir, config.graph.k, images, config.graph.use_gpu, params=config.graph, view=view)
+        adjacency = ensure_graph(config.data_dir, config.graph.k, images, config.graph.use_gpu, params=config.graph,
+                                 view=view)
         neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
-        self._set_graph(symmetric_adjacency(neighbors, manifest["count"]))
+        self._set_graph(symmetric_adjacency(neighbors, manifest["count"]), adjacency)  # Â as saved, not recomputed
         return view
 
 

@@ -20,8 +20,9 @@ console = Console(stderr=True, log_path=False, width=None if sys.stderr.isatty()
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, then rename it into place,
-    so a crash never leaves a half-written artifact under the real name."""
+    """Call `write(file_object)` on a temporary file beside `path`, fsync it, rename it into
+    place and fsync the folder, so that neither a crash nor a power cut leaves a half-written
+    artifact under the real name (a reader sees the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -31,9 +32,19 @@ def atomic_write_bytes(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename into `folder` durable (POSIX: the new entry lives in the folder's data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from .shards import (
     _check_complete,
     _decode_sample,
     _mark_seen,
-    _sha256,
+    write_tar,
     _shard_error_handler,
     manifest_fingerprint,
     rank_shards,
@@ -195,12 +194,8 @@ def _write_sorted_shard(spooled: Path, out: Path, number: int, group: np.ndarray
     if len(records) != expected:  # pass 1 checked the source, so this is a bug or a full disk
         raise DataError(f"spooled shard {spooled} holds {len(records)} samples, expected {expected}")
     filename = f"shard-{number:06d}.tar"
-    tmp = out / (filename + ".tmp")
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
-        for _, sample in records:
-            sink.write({key: value for key, value in sample.items() if not key.startswith("__") or key == "__key__"})
-    digest = _sha256(tmp)
-    os.replace(tmp, out / filename)
+    digest = write_tar(out / filename, ({key: value for key, value in sample.items()
+                                         if not key.startswith("__") or key == "__key__"} for _, sample in records))
     spooled.unlink()
     return {"file": filename, "count": expected, "first_index": offset, "sha256": digest,
             "partitions": group.tolist(), "partition_sizes": sizes[group].tolist()}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..utils import atomic_write_bytes, atomic_write_text
 from .sources import DataError, RawDataset
 
 MANIFEST_NAME = "dataset.json"
@@ -47,15 +48,9 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
     for number, first in enumerate(range(0, len(images), samples_per_shard)):
         stop = min(first + samples_per_shard, len(images))
         filename = f"shard-{number:06d}.tar"
-        tmp = out / (filename + ".tmp")
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:  # int mtime: reproducible, no PAX headers
-            for index in range(first, stop):
-                sample = {"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index])}
-                if labels is not None:
-                    sample["cls"] = int(labels[index])
-                sink.write(sample)
-        digest = _sha256(tmp)
-        os.replace(tmp, out / filename)
+        samples = ({"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index]),
+                    **({"cls": int(labels[index])} if labels is not None else {})} for index in range(first, stop))
+        digest = write_tar(out / filename, samples)
         shards.append({"file": filename, "count": stop - first, "first_index": first, "sha256": digest})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -69,10 +64,20 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
         "has_labels": labels is not None,
         "shards": shards,
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST_NAME)
+    # Last, once every shard is complete on disk: a folder without its manifest is no dataset.
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_tar(path: Path, samples: Iterable[dict]) -> str:
+    """Write webdataset samples as one tar shard, atomically (utils.atomic_write_bytes: temp
+    file, fsync, rename); return its sha256."""
+    def write(stream):
+        with wds.TarWriter(stream, mtime=0) as sink:  # int mtime: reproducible, no PAX headers
+            for sample in samples:
+                sink.write(sample)
+    atomic_write_bytes(path, write)
+    return _sha256(path)
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -135,6 +135,13 @@ def test_same_seed_gives_the_same_run_and_resume_continues_it_exactly(tmp_path):
     assert (tmp_path / "c" / "assignments.txt").read_text() == a
     assert resumed["acc"] == first["acc"]
 
+    # metrics.jsonl: the interrupted run's line for joint epoch 6, logged after its last
+    # checkpoint, is dropped on resume; the resumed log is the uninterrupted one, line for line.
+    def logged(name):
+        return [(r["phase"], r["epoch"], r.get("acc"), r.get("recon")) for r in RunFolder(tmp_path / name).read_metrics_log()]
+    assert ("joint", 6) not in [line[:2] for line in logged("a")]
+    assert logged("c") == logged("a")
+
 
 @pytest.mark.parametrize("refresh, expected_passes", [(1, 1 + 7), (3, 1 + 2)])
 def test_joint_encoder_subset_encodes_the_other_nodes_every_refresh_steps(tmp_path, monkeypatch, refresh,

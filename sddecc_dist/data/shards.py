@@ -138,9 +138,12 @@ def rank_shards(manifest: dict, rank: int, world_size: int) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
     if rank >= n_shards:
-        raise DataError(f"rank {rank} has no shard: the data has {n_shards} shard(s) for world_size {world_size}; "
-                        f"use at most {n_shards} ranks or write more, smaller shards (samples_per_shard, "
-                        "partitions_per_shard)")
+        raise DataError(f"rank {rank} has no shard: the data ({manifest.get('name')}, {manifest.get('count')} "
+                        f"samples) has {n_shards} shard(s) for world_size {world_size}; start at most {n_shards} "
+                        f"ranks, or prepare it again into a new folder in {world_size} or more shards: `sddecc "
+                        f"prepare SOURCE --out NEW_DIR --samples-per-shard "
+                        f"{max(1, -(-int(manifest.get('count', 1)) // world_size))}` (SOURCE as before: a "
+                        f"dataset name, .npz or image folder; partitions_per_shard for partition-ordered data)")
     return list(range(rank, n_shards, world_size))
 
 

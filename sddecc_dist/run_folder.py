@@ -40,7 +40,7 @@ import yaml
 from sddecc_dist.config import Config, ConfigError, config_from_dict, to_dict
 from sddecc_dist.data import read_manifest
 from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text, process_exists
 
 __all__ = ["METRICS_REQUIRED_KEYS", "SCORE_KEYS", "RunFolder", "RunFolderError", "RunLock", "TrainedModel",
            "load_model", "read_model_file"]
@@ -401,13 +401,7 @@ class RunLock:
         pid = held.get("pid")
         if not isinstance(pid, int) or pid == owner["pid"]:
             return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # it runs, as another user
-            return False
-        return False
+        return not process_exists(pid)
 
 
 def read_model_file(path: str | Path) -> tuple[Config, dict]:

@@ -38,6 +38,29 @@ def atomic_write_bytes(path: str | Path, write) -> None:
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (`.NAME.tmp-PID`, from atomic_write_bytes) that a writer killed
+    mid-write left in `folder`, those whose process no longer runs; return them."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process of this host has this pid (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def fsync_folder(folder: str | Path) -> None:
     """Make a rename into `folder` durable (POSIX: the new entry lives in the folder's data)."""
     fd = os.open(folder, os.O_RDONLY)

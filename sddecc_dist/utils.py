@@ -4,9 +4,11 @@ Distributed plumbing (ranks, gathering, signals) lives in sddecc_dist.train.dist
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,31 @@ def atomic_write_bytes(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_folder(path.parent)
+    except Exception as error:
+        full = disk_full_error(error, path)
+        if full is None:
+            raise
+        raise full from error
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def disk_full_error(error: BaseException, path: str | Path) -> OSError | None:
+    """An OSError(ENOSPC) naming `path` when `error`, raised by a library while it wrote `path`
+    (torch.save's RuntimeError, safetensors' SafetensorError), came from a full disk (less than
+    1 MiB left), so that it reads as one line like any OSError; None otherwise. Call it before
+    the partial file is removed."""
+    if isinstance(error, OSError):
+        return None
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        return None
+    if free >= 1 << 20:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(error).__name__}: {error})", str(path))
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

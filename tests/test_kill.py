@@ -188,3 +188,45 @@ def test_training_killed_at_random_moments_then_resumed_ends_as_the_uninterrupte
         return [(r["phase"], r["epoch"], r.get("acc"), r.get("recon")) for r in RunFolder(folder).read_metrics_log()]
     assert logged(run) == logged(run_ref)  # every line once, none torn
     assert json.loads((run / "metrics.json").read_text())["acc"] == json.loads((run_ref / "metrics.json").read_text())["acc"]
+
+
+def test_a_disk_that_fills_mid_run_keeps_the_last_checkpoint_and_resume_finishes(reference, tmp_path):
+    """The run folder on a small tmpfs, filled to the last byte once the first checkpoint is
+    complete: the run stops with one line naming the file it could not write (exit status 1, no
+    traceback), its complete checkpoints stay, and once space is freed --resume finishes with
+    the uninterrupted run's assignments."""
+    data_ref, run_ref, _ = reference
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        run = disk / "run"
+        command = _command("train", data_ref, run)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not list((run / "checkpoints").glob("ckpt-*/trainer_state.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+        filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # every byte that is left
+            while os.write(filler, b"\0" * (1 << 16)):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 1, output[-3000:]
+        assert "Traceback" not in output and "No space left on device" in output, output[-3000:]
+        error_line = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(error_line) == 1 and str(run) in error_line[0], output[-3000:]
+        complete = sorted((run / "checkpoints").glob("ckpt-*/trainer_state.json"))
+        assert complete, "the last complete checkpoint is gone"
+        print(f"disk full: {error_line[0]}; complete checkpoints {[p.parent.name for p in complete]}")
+        (disk / "filler").unlink()
+        assert _run([*command, "train.resume=true"])
+        assert (run / "assignments.txt").read_text() == (run_ref / "assignments.txt").read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -62,14 +62,18 @@ def disk_full_error(error: BaseException, path: str | Path) -> OSError | None:
     return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(error).__name__}: {error})", str(path))
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files (`.NAME.tmp-PID`, from atomic_write_bytes) that a writer killed
-    mid-write left in `folder`, those whose process no longer runs; return them."""
+def remove_stale_temporaries(folder: str | Path, pattern: str = ".*.tmp-*") -> list[Path]:
+    """Delete the temporaries (files or folders named `pattern`, ending in `-PID`: those of
+    atomic_write_bytes by default) that a writer killed mid-write left in `folder`, those whose
+    process no longer runs; return them."""
     removed = []
-    for path in Path(folder).glob(".*.tmp-*"):
+    for path in Path(folder).glob(pattern):
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_exists(int(pid)):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 

@@ -1,14 +1,15 @@
 """kill -9 at seeded random moments of every stage, then the same command again: the result
-equals an uninterrupted run's, byte for byte (prepare's shards and manifest, the graph) or bit
-for bit (training's assignments and its metrics.jsonl, resumed with --resume).
+equals an uninterrupted run's, byte for byte (prepare's shards and manifest, the partition-
+ordered shards), value for value (the graph, the partitions) or bit for bit (training's
+assignments and its metrics.jsonl, resumed with --resume).
 
-Each stage is run once uninterrupted, timing how long it works from when it begins to write\nto its last artifact (W),
-then as a chain: started, killed with SIGKILL (the whole process group) at a moment drawn
-uniformly from [0, W) after it began to write, by random.Random(stage-seed), started again, ...,
-and at last left to finish. Seeds come from SDDECC_KILL_SEEDS (default
-"0": one chain per stage in the README's test command); scripts/nightly.sh runs "1 2 3 4 5".
-Every kill is printed (stage, seed, delay, what the folder held), so `pytest -s` shows where
-they landed.
+Each stage is run once uninterrupted, timing how long it works from when it begins to write to
+its last artifact (W), then as a chain: started, killed with SIGKILL (the whole process group)
+at a moment drawn uniformly from [0, W) after it began to write, by random.Random(stage-seed),
+started again, ..., and at last left to finish. Seeds come from SDDECC_KILL_SEEDS (default "0":
+one chain per stage in the README's test command); scripts/nightly.sh runs "1 2 3 4 5". Every
+kill is printed (stage, seed, delay, what the folder held), so `pytest -s` shows where they
+landed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +45,8 @@ def _command(stage: str, data: Path, run: Path | None = None) -> list[str]:
         return [*SDDECC, "prepare", "digits", "--out", str(data), "--samples-per-shard", "10"]
     if stage == "graph":
         return [*SDDECC, "graph", str(data), "--k", "3"]
+    if stage == "partition":
+        return [*SDDECC, "partition", str(data), "--k", "3", "--parts", "40", "--partitions-per-shard", "2"]
     config, *overrides = TRAIN
     return [sys.executable, "launch/train.py", "--config", config, f"data_dir={data}", f"output_dir={run}", *overrides]
 
@@ -108,6 +112,9 @@ def _summary(folder: Path) -> str:
     parts = [f"{sum(n.startswith('shard-') for n in names)} shards"] if any(n.startswith("shard-") for n in names) else []
     parts += [n for n in names if n in ("dataset.json", "graph-k3.pt", "metrics.json", "previous")]
     parts += [f"temporary {n}" for n in names if ".tmp" in n]
+    parts += [n for n in names if n.startswith(("partitions-", "partitioned-"))]
+    if any(folder.glob("partitioned-*/.spool-*")):
+        parts.append("a spool folder")
     if (folder / "checkpoints").is_dir():
         parts.append(f"checkpoints {sorted(p.name for p in (folder / 'checkpoints').iterdir())}")
     if (folder / "metrics.jsonl").is_file():
@@ -120,7 +127,8 @@ def _summary(folder: Path) -> str:
 def _writing(stage: str, folder: Path):
     """`armed(pid, start time)`: whether a stage's process has begun its work. Prepare: it wrote
     a file into the data folder (the first shard; the imports and reading the source come
-    before). The graph: at once (the imports, reading the shards, the build and the save).
+    before). The graph and the partitions: at once (the imports, reading the shards, the
+    build and the saves).
     Training: it took the run folder's lock (validation done; its first write)."""
     def prepare(pid, started):
         return folder.exists() and any(p.stat().st_mtime >= started for p in folder.iterdir())
@@ -130,20 +138,23 @@ def _writing(stage: str, folder: Path):
             return json.loads((folder / ".lock").read_text()).get("pid") == pid
         except (OSError, ValueError):
             return False
-    return {"prepare": prepare, "graph": lambda pid, started: True, "train": train}[stage]
+    return {"prepare": prepare, "graph": lambda pid, started: True, "partition": lambda pid, started: True,
+            "train": train}[stage]
 
 
-FINAL = {"prepare": "dataset.json", "graph": "graph-k3.pt", "train": "metrics.json"}  # each stage's last artifact
+# each stage's last artifact
+FINAL = {"prepare": "dataset.json", "graph": "graph-k3.pt", "partition": "partitioned-k3-p40/dataset.json",
+         "train": "metrics.json"}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted stages: their folders and the seconds each worked (from `_writing` to
-    its last artifact)."""
+    """The uninterrupted stages (prepare, graph, partition, then a training on that folder):
+    their folders and the seconds each worked (from `_writing` to its last artifact)."""
     tmp = tmp_path_factory.mktemp("reference")
     data, run = tmp / "data", tmp / "run"
     working = {stage: _timed(_command(stage, data, run), _writing(stage, folder), (folder / FINAL[stage]).exists)
-               for stage, folder in (("prepare", data), ("graph", data), ("train", run))}
+               for stage, folder in (("prepare", data), ("graph", data), ("partition", data), ("train", run))}
     print(f"uninterrupted, seconds of work: {working}")
     return data, run, working
 
@@ -164,13 +175,34 @@ def test_prepare_killed_at_random_moments_then_rerun_writes_the_same_shards(refe
 def test_graph_killed_at_random_moments_then_rerun_builds_the_same_graph(reference, tmp_path, seed):
     data_ref, _, times = reference
     data = tmp_path / "data"
-    shutil.copytree(data_ref, data, ignore=shutil.ignore_patterns("graph-*"))
+    shutil.copytree(data_ref, data, ignore=shutil.ignore_patterns("graph-*", "partition*"))
     command = _command("graph", data)
     _chain("graph", seed, times["graph"], command, command, data, _writing("graph", data))
     graph, meta = load_graph(data / "graph-k3.pt")
     expected, expected_meta = load_graph(data_ref / "graph-k3.pt")
     assert torch.equal(graph.to_dense(), expected.to_dense())
     assert {k: v for k, v in meta.items() if k != "seconds"} == {k: v for k, v in expected_meta.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_partition_killed_at_random_moments_then_rerun_writes_the_same_partitioned_shards(reference, tmp_path, seed):
+    data_ref, _, times = reference
+    data = tmp_path / "data"
+    shutil.copytree(data_ref, data, ignore=shutil.ignore_patterns("partition*"))
+    command = _command("partition", data)
+    _chain("partition", seed, times["partition"], command, command, data, _writing("partition", data))
+    with np.load(data / "partitions-k3-p40.npz") as got, np.load(data_ref / "partitions-k3-p40.npz") as want:
+        assert np.array_equal(got["parts"], want["parts"])
+        meta, meta_ref = json.loads(str(got["meta"])), json.loads(str(want["meta"]))
+        assert {k: v for k, v in meta.items() if k != "seconds"} == {k: v for k, v in meta_ref.items() if k != "seconds"}
+    out, out_ref = data / "partitioned-k3-p40", data_ref / "partitioned-k3-p40"
+    manifest = json.loads((out / "dataset.json").read_text())
+    expected = json.loads((out_ref / "dataset.json").read_text())
+    manifest["partitioned"].pop("source_dir"), expected["partitioned"].pop("source_dir")  # the folders differ
+    assert manifest == expected
+    for shard in expected["shards"]:
+        assert (out / shard["file"]).read_bytes() == (out_ref / shard["file"]).read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out_ref.iterdir())  # no spool, no temporary
 
 
 @pytest.mark.parametrize("seed", SEEDS)

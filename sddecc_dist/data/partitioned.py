@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sddecc_dist.utils import atomic_write_json
+from sddecc_dist.utils import atomic_write_json, remove_stale_temporaries
 
 from .shards import (
     _MANIFEST_KEYS,
@@ -113,7 +113,11 @@ def write_partitioned_shards(
         shard_of_part[group] = number
 
     out.mkdir(parents=True, exist_ok=True)
-    spool = Path(tempfile.mkdtemp(prefix=".spool-", dir=out))
+    for pattern in (".*.tmp-*", ".spool-*"):  # of an earlier run killed mid-write
+        remove_stale_temporaries(out, pattern)
+    spool = out / f".spool-{os.getpid()}"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir()
     entries, offset = [], 0
     try:
         for lo in range(0, len(groups), max_open_shards):

@@ -127,13 +127,15 @@ def test_any_npz_arrays_prepare_or_are_a_data_error(tmp_path, contents):
     _prepares_or_data_error(path, tmp_path / "out")
 
 
+@pytest.mark.parametrize("name, read, error", [("set.npz", load_source, DataError),
+                                                ("model.pt", read_model_file, RunFolderError)])
 @fuzz
-@given(st.binary(max_size=400))
-def test_any_npz_bytes_are_a_data_error(tmp_path, data):
-    path = tmp_path / "set.npz"
+@given(data=st.binary(max_size=400))
+def test_any_bytes_as_an_npz_or_a_model_file_are_the_readers_own_error(tmp_path, name, read, error, data):
+    path = tmp_path / name
     path.write_bytes(data)
-    with pytest.raises(DataError, match=str(path)):
-        load_source(path)
+    with pytest.raises(error, match=str(path)):
+        read(path)
 
 
 def _prepares_or_data_error(source: Path, out: Path) -> None:
@@ -245,11 +247,3 @@ def test_any_metrics_files_read_or_are_a_run_folder_error(tmp_path, metrics, log
         except RunFolderError as error:
             assert str(tmp_path) in str(error)
 
-
-@fuzz
-@given(st.binary(max_size=300))
-def test_any_model_file_bytes_are_a_run_folder_error(tmp_path, data):
-    path = tmp_path / "model.pt"
-    path.write_bytes(data)
-    with pytest.raises(RunFolderError, match=str(path)):
-        read_model_file(path)

@@ -37,13 +37,13 @@ from .shards import (
     _check_complete,
     _decode_sample,
     _mark_seen,
-    write_tar,
     _shard_error_handler,
     manifest_fingerprint,
     rank_shards,
     read_manifest,
     shard_urls,
     verify_shards,
+    write_tar,
 )
 from .sources import DataError
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ..utils import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from sddecc_dist.utils import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+
 from .sources import DataError, RawDataset
 
 MANIFEST_NAME = "dataset.json"

@@ -40,7 +40,7 @@ import yaml
 from sddecc_dist.config import Config, ConfigError, config_from_dict, to_dict
 from sddecc_dist.data import read_manifest
 from sddecc_dist.model.sddecc import SDDECC
-from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text, process_exists
 
 __all__ = ["METRICS_REQUIRED_KEYS", "SCORE_KEYS", "RunFolder", "RunFolderError", "RunLock", "TrainedModel",
            "load_model", "read_model_file"]
@@ -263,11 +263,14 @@ class RunFolder:
         return metrics
 
     def read_metrics_log(self) -> list[dict]:
-        """The lines of metrics.jsonl ([] when there is none)."""
+        """The lines of metrics.jsonl ([] when there is none). A last line without its newline
+        is one a killed run was writing: it is left out, never parsed as a record."""
         if not self.metrics_log_path.is_file():
             return []
+        text = self.metrics_log_path.read_text()
+        lines = text.split("\n")[:-1]  # the part after the last newline is torn or empty
         records = []
-        for number, line in enumerate(self.metrics_log_path.read_text().splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -279,6 +282,20 @@ class RunFolder:
                 raise RunFolderError(f"run {self.path}: {self.METRICS_LOG} line {number} is not a JSON object")
             records.append(record)
         return records
+
+    def keep_metrics_log(self, keep) -> int:
+        """Rewrite metrics.jsonl (atomically) with the records for which `keep(record)` holds and
+        without a torn last line: a resumed run drops what its interrupted run logged after the
+        checkpoint it continues from, so that no epoch is logged twice. Returns how many
+        records (or torn lines) were dropped."""
+        if not self.metrics_log_path.is_file():
+            return 0
+        torn = bool(self.metrics_log_path.read_text().rsplit("\n", 1)[-1])  # text after the last newline
+        records = self.read_metrics_log()
+        kept = [record for record in records if keep(record)]
+        if len(kept) < len(records) or torn:
+            atomic_write_text(self.metrics_log_path, "".join(json.dumps(record) + "\n" for record in kept))
+        return len(records) - len(kept) + int(torn)
 
     def read_config(self) -> Config | None:
         """The run's training config, or None where the folder has none (a baseline folder has no
@@ -384,13 +401,7 @@ class RunLock:
         pid = held.get("pid")
         if not isinstance(pid, int) or pid == owner["pid"]:
             return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # it runs, as another user
-            return False
-        return False
+        return not process_exists(pid)
 
 
 def read_model_file(path: str | Path) -> tuple[Config, dict]:

@@ -226,7 +226,7 @@ def test_build_save_load_round_trip(tmp_path) -> None:
     assert meta["n_edges"] == adj.values().numel()
     path = tmp_path / "graph.pt"
     save_graph(path, adj, neighbors, {**meta, "manifest_checksum": "abc123"})
-    assert not (tmp_path / "graph.pt.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.pt"]  # no temporary file left
     loaded, loaded_meta = load_graph(path)
     assert loaded.layout == torch.sparse_csr
     torch.testing.assert_close(loaded.to_dense(), adj.to_dense(), rtol=0, atol=0)

@@ -182,7 +182,8 @@ def test_assign_shards_checks_from_the_manifest():
     manifest = {"count": 10, "shards": [{"file": f"s{i}.tar", "count": c} for i, c in enumerate([4, 4, 2])]}
     plan = assign_shards(manifest, 2, k=3)
     assert [[s["file"] for s in share] for share in plan] == [["s0.tar", "s2.tar"], ["s1.tar"]]
-    with pytest.raises(GraphError, match=r"3 shard\(s\) for 4 ranks: rank\(s\) \[3\] would get no shard"):
+    with pytest.raises(GraphError, match=r"3 shard\(s\) for 4 ranks: rank\(s\) \[3\] would get no shard; .*"
+                                         r"--samples-per-shard \d+\)"):
         assign_shards(manifest, 4, k=1)
     with pytest.raises(GraphError, match="k=10 must be at least 1 and smaller than the number of samples N=10"):
         assign_shards(manifest, 1, k=10)

@@ -294,7 +294,8 @@ def test_stream_subgraphs_order_depends_on_seed_and_epoch_only(partitioned) -> N
 
 def test_stream_subgraphs_errors(digits_dir: Path, partitioned, tmp_path: Path) -> None:
     out, manifest = partitioned[2], partitioned[3]
-    with pytest.raises(DataError, match=r"rank 5 has no shard: the data has 5 shard\(s\) for world_size 6"):
+    with pytest.raises(DataError, match=r"rank 5 has no shard: the data \(.*, 1797 samples\) has 5 shard\(s\) for "
+                                        r"world_size 6; .* --samples-per-shard 300`"):
         stream_subgraphs(out, 2, seed=0, epoch=0, rank=5, world_size=6)  # at the call, not the first batch
     with pytest.raises(DataError, match="has 5 shard"):
         steps_per_epoch(manifest, 2, 6)

@@ -14,7 +14,8 @@ import pytest
 from sddecc_dist.config import ConfigError, load_config
 from sddecc_dist.pipeline import prepare_dataset
 from sddecc_dist.run_folder import RunFolder, RunFolderError, RunLock
-from sddecc_dist.train.loop import train
+from sddecc_dist.train.checkpoint import Position
+from sddecc_dist.train.loop import logged_before, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,3 +154,34 @@ def test_os_errors_end_in_one_line_naming_the_file_unless_debugging(monkeypatch,
     monkeypatch.setenv("SDDECC_DEBUG", "1")
     with pytest.raises(OSError, match="No space left"):
         run_reporting_errors(full_disk)
+
+
+def test_a_torn_metrics_line_is_never_read_and_a_resume_drops_it_with_the_lines_after_its_checkpoint(tmp_path):
+    run = RunFolder(tmp_path)
+    lines = [{"phase": "pretrain", "epoch": 1}, {"phase": "pretrain", "epoch": 2}, {"phase": "kmeans", "epoch": 2},
+             {"phase": "joint", "epoch": 50}, {"phase": "joint", "epoch": 100}]
+    for line in lines:
+        run.append_metrics(line)
+    with open(run.metrics_log_path, "a") as f:
+        f.write('{"phase": "joint", "ep')  # a kill -9 inside the write
+    assert run.read_metrics_log() == lines  # the torn line is not a record and no error
+    # a run resumed from the checkpoint of joint epoch 50: epoch 100 and the torn line go
+    assert run.keep_metrics_log(lambda r: logged_before(Position("joint", 50, 0), r)) == 2
+    assert run.metrics_log_path.read_text() == "".join(json.dumps(line) + "\n" for line in lines[:4])
+    assert run.keep_metrics_log(lambda r: True) == 0  # nothing torn is left
+    # a damaged line in the middle is not a torn write: named, not skipped
+    run.metrics_log_path.write_text('{"phase": "pretrain", "epoch": 1}\n{oops\n')
+    with pytest.raises(RunFolderError, match="metrics.jsonl line 2 is not valid JSON"):
+        run.read_metrics_log()
+
+
+@pytest.mark.parametrize("position, kept", [
+    (Position("pretrain", 1, 0), ["pretrain 1"]),
+    (Position("pretrain", 1, 7), ["pretrain 1"]),  # stopped inside epoch 2
+    (Position("joint", 0, 0), ["pretrain 1", "pretrain 2", "kmeans 2", "self_label 6"]),
+    (Position("joint", 50, 3), ["pretrain 1", "pretrain 2", "kmeans 2", "self_label 6", "joint 50"]),
+])
+def test_logged_before_follows_the_order_of_lines_and_checkpoints(position, kept):
+    records = [{"phase": p, "epoch": e} for p, e in
+               [("pretrain", 1), ("pretrain", 2), ("kmeans", 2), ("self_label", 6), ("joint", 50), ("joint", 100)]]
+    assert [f"{r['phase']} {r['epoch']}" for r in records if logged_before(position, r)] == kept

@@ -4,7 +4,8 @@ The stand-ins, written into tmp_path/bin and put first on PATH, record their arg
 variables) as JSON lines instead of running anything. The stand-in srun runs its command once
 per node, concurrently, with SLURM_NODEID/SLURM_PROCID set, and passes SIGUSR1 on to them as
 the real one does. The tests assert the exact `accelerate launch` line of every node and the
-pre-emption path: SIGUSR1 to the batch script -> SIGTERM to accelerate -> scontrol requeue.
+pre-emption path: SIGUSR1 to the batch script -> SIGTERM to the training processes under
+accelerate -> their exit status -> scontrol requeue.
 """
 
 from __future__ import annotations
@@ -34,21 +35,38 @@ def record(entry):
 '''
 
 ACCELERATE = RECORD + '''
-import time
-record({"argv": sys.argv[1:], "cwd": os.getcwd(),
-        "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,
-        "shutdown_timeout": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")})
-if os.environ.get("STANDIN_BLOCK"):  # run until a signal comes, as a training would
+import subprocess, time
+if os.environ.get("STANDIN_ROLE") != "worker":  # `accelerate launch`
+    record({"argv": sys.argv[1:], "cwd": os.getcwd(),
+            "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,
+            "shutdown_timeout": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
+            "use_cpu": os.environ.get("ACCELERATE_USE_CPU"), "omp_threads": os.environ.get("OMP_NUM_THREADS")})
+    if not os.environ.get("STANDIN_BLOCK"):
+        sys.exit(0)
+    # One training process under the launcher, as accelerate starts it; every SIGTERM the
+    # launcher itself gets is recorded (torchrun's agent logs an error for a second one).
     got = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: got.append(signal.Signals(s).name))
-    open(os.path.join(os.environ["STANDIN_READY"], "node-" + os.environ.get("SLURM_NODEID", "0")), "w").close()
-    deadline = time.monotonic() + 20
-    while not got and time.monotonic() < deadline:
+    signal.signal(signal.SIGTERM, lambda s, f: got.append("SIGTERM"))
+    worker = subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:]], env=dict(os.environ, STANDIN_ROLE="worker"))
+    while worker.poll() is None:
         time.sleep(0.01)
-    record({"signals": got})
-    sys.exit(int(os.environ.get("STANDIN_EXIT_ON_SIGNAL", "1")) if got else 99)
-sys.exit(0)
+    record({"launcher_signals": got})
+    sys.exit(0 if worker.returncode == 0 else 1)  # accelerate launch reports any failed worker as 1
+# the training process: runs until a signal comes, then "saves" and exits as the trainer does
+got = []
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda s, f: got.append(signal.Signals(s).name))
+open(os.path.join(os.environ["STANDIN_READY"], "node-" + os.environ.get("SLURM_NODEID", "0")), "w").close()
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(0.3)  # a second signal on its way is recorded too
+record({"signals": got})
+status = int(os.environ.get("STANDIN_EXIT_ON_SIGNAL", "143")) if got else 99
+if status > 128 and os.environ.get("SLURM_NODEID", "0") == "0":  # the main process, as stopped_on_signal
+    with open(os.environ["SDDECC_STOP_FILE"], "w") as f:
+        f.write(f"{status}\\n")
+sys.exit(status)
 '''
 
 SCONTROL = RECORD + '''
@@ -195,14 +213,24 @@ def test_launch_line_follows_the_environment(cluster):
     ]
 
 
-def test_no_gpu_count_is_an_error(cluster):
+@pytest.mark.parametrize("processes, threads", [(None, "8"), ("2", "4")])
+def test_an_allocation_without_gpus_trains_on_the_cpus(cluster, processes, threads):
+    """sbatch --gpus-per-node=0 on a CPU partition: no SLURM_GPUS_ON_NODE, PROCESSES_PER_NODE
+    processes (default 1) on the CPUs (ACCELERATE_USE_CPU, the platform's working way), each
+    with its share of the task's CPUs as OMP threads."""
     env, read_log = cluster
     env = single_node(env)
     del env["SLURM_GPUS_ON_NODE"]
+    env["SLURM_CPUS_PER_TASK"] = "8"
+    if processes:
+        env["PROCESSES_PER_NODE"] = processes
     result = run(SINGLE, env)
-    assert result.returncode == 2
-    assert "--gpus-per-node" in result.stderr
-    assert read_log("accelerate") == []
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_node, calls = launches(read_log)
+    assert calls[0]["argv"][:6] == ["launch", "--config_file", "configs/accelerate/multi_gpu.yaml",
+                                    "--num_processes", processes or "1", "--main_process_port"]
+    assert calls[0]["use_cpu"] == "true" and calls[0]["omp_threads"] == threads
+    assert "no GPU in this allocation" in result.stderr
 
 
 def test_submitted_outside_the_repository_fails_clearly(cluster, tmp_path):
@@ -224,8 +252,10 @@ def test_single_node_script_refuses_several_nodes(cluster):
     assert read_log("accelerate") == []
 
 
-def signal_batch(script, env, sig, read_log, n_nodes):
-    """Start the batch script, wait until every node's accelerate runs, send `sig` to it."""
+def signal_batch(script, env, sig, read_log, n_nodes, whole_job=False):
+    """Start the batch script, wait until every node's training runs, send `sig` to the batch
+    shell (scancel --batch, sbatch --signal=B:...) or, with `whole_job`, to every process of
+    the job at once (scancel, a time limit)."""
     env["STANDIN_BLOCK"] = "1"
     batch = subprocess.Popen(["bash", str(REPO / script)], env=env, cwd="/", text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -236,7 +266,10 @@ def signal_batch(script, env, sig, read_log, n_nodes):
             assert batch.poll() is None, batch.stdout.read()
             assert time.monotonic() < deadline, "accelerate stand-in never started"
             time.sleep(0.02)
-        batch.send_signal(sig)
+        if whole_job:
+            os.killpg(batch.pid, sig)
+        else:
+            batch.send_signal(sig)
         output, _ = batch.communicate(timeout=30)
     finally:
         if batch.poll() is None:
@@ -245,28 +278,53 @@ def signal_batch(script, env, sig, read_log, n_nodes):
     return batch.returncode, output
 
 
+def signals(read_log, key):
+    return [e[key] for e in read_log("accelerate") if key in e]
+
+
 @pytest.mark.parametrize("layout, script, n_nodes", [(single_node, SINGLE, 1), (multi_node, MULTI, 2)])
 def test_usr1_saves_and_requeues(cluster, layout, script, n_nodes):
     env, read_log = cluster
     status, output = signal_batch(script, layout(env), signal.SIGUSR1, read_log, n_nodes)
-    received = [e["signals"] for e in read_log("accelerate") if "signals" in e]
-    assert received == [["SIGTERM"]] * n_nodes, output  # every node's launcher was told
+    assert signals(read_log, "signals") == [["SIGTERM"]] * n_nodes, output  # every node's training was told
+    assert signals(read_log, "launcher_signals") == [[]] * n_nodes, output  # and not the launchers
     requeues = [e["argv"] for e in read_log("scontrol") if e["argv"][0] == "requeue"]
     assert requeues == [["requeue", JOB_ID]], output  # once, after they exited
-    assert status == 1, output
-    assert output.index("training exited with status 1") < output.index("requeueing job 4242")
+    # the status the training stopped with, not the launcher's 1
+    assert status == 143, output
+    assert output.index("saved a checkpoint and stopped on a signal: exit status 143") < output.index("requeueing job 4242")
 
 
-@pytest.mark.parametrize("sig, exit_code", [(signal.SIGTERM, 1), (signal.SIGUSR1, 0)])
-def test_no_requeue_on_sigterm_or_when_finished(cluster, sig, exit_code):
-    """SIGTERM (scancel) saves but does not requeue; a run that exits 0 is finished."""
+@pytest.mark.parametrize("sig, exit_code, message", [
+    (signal.SIGTERM, 143, "not requeued: submit the same command again"),  # scancel --batch: saved, stopped
+    (signal.SIGUSR1, 0, "training exited with status 0"),  # it had finished
+])
+def test_no_requeue_on_sigterm_or_when_finished(cluster, sig, exit_code, message):
     env, read_log = cluster
     env["STANDIN_EXIT_ON_SIGNAL"] = str(exit_code)
     status, output = signal_batch(SINGLE, single_node(env), sig, read_log, 1)
-    received = [e["signals"] for e in read_log("accelerate") if "signals" in e]
-    assert received == [["SIGTERM"]], output
+    assert signals(read_log, "signals") == [["SIGTERM"]], output
     assert [e for e in read_log("scontrol") if e["argv"][0] == "requeue"] == [], output
-    assert status == exit_code, output
+    assert status == exit_code and message in output, output
+
+
+def test_a_failure_after_usr1_is_status_1_and_requeued(cluster):
+    """A training that fails instead of saving writes no stop status: the launcher's 1 stands."""
+    env, read_log = cluster
+    env["STANDIN_EXIT_ON_SIGNAL"] = "1"
+    status, output = signal_batch(SINGLE, single_node(env), signal.SIGUSR1, read_log, 1)
+    assert status == 1 and "training exited with status 1" in output, output
+    assert [e["argv"] for e in read_log("scontrol") if e["argv"][0] == "requeue"] == [["requeue", JOB_ID]]
+
+
+def test_a_sigterm_to_the_whole_job_reaches_the_launcher_once(cluster):
+    """scancel and the time limit send SIGTERM to every process of the job: the launcher gets
+    Slurm's, and the scripts pass theirs on to the training processes only."""
+    env, read_log = cluster
+    status, output = signal_batch(SINGLE, single_node(env), signal.SIGTERM, read_log, 1, whole_job=True)
+    assert signals(read_log, "launcher_signals") == [["SIGTERM"]], output
+    assert signals(read_log, "signals")[0][0] == "SIGTERM", output
+    assert status == 143 and [e for e in read_log("scontrol") if e["argv"][0] == "requeue"] == [], output
 
 
 def test_sbatch_headers():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sddecc_dist.config import ConfigError, load_config
+from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,11 +130,19 @@ def test_same_seed_gives_the_same_run_and_resume_continues_it_exactly(tmp_path):
     assert first["acc"] == second["acc"] and first["nmi"] == second["nmi"]
     a = (tmp_path / "a" / "assignments.txt").read_text()
     assert a == (tmp_path / "b" / "assignments.txt").read_text()
-    # An interrupted run: stops after joint epoch 6, its last checkpoint is joint epoch 5.
+    # A shorter run (6 joint epochs) continued to the full 10 from its last checkpoint.
     train(_short_config(tmp_path, data_dir, "c", "train.joint_epochs=6"))
     resumed = train(_short_config(tmp_path, data_dir, "c", "train.resume=true"))
     assert (tmp_path / "c" / "assignments.txt").read_text() == a
     assert resumed["acc"] == first["acc"]
+
+    # metrics.jsonl: the 6-epoch run's final line (joint epoch 6) was logged before the checkpoint
+    # the longer run resumed from, so it stays, once; every other line is the uninterrupted run's.
+    def logged(name):
+        return [(r["phase"], r["epoch"], r.get("acc"), r.get("recon")) for r in RunFolder(tmp_path / name).read_metrics_log()]
+    assert ("joint", 6) not in [line[:2] for line in logged("a")]
+    assert [line[:2] for line in logged("c")].count(("joint", 6)) == 1
+    assert [line for line in logged("c") if line[:2] != ("joint", 6)] == logged("a")
 
 
 @pytest.mark.parametrize("refresh, expected_passes", [(1, 1 + 7), (3, 1 + 2)])

@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sddecc_dist.utils import atomic_write_json
+from sddecc_dist.utils import atomic_write_json, remove_stale_temporaries
 
 from .shards import (
     _MANIFEST_KEYS,
@@ -38,13 +37,13 @@ from .shards import (
     _check_complete,
     _decode_sample,
     _mark_seen,
-    _sha256,
     _shard_error_handler,
     manifest_fingerprint,
     rank_shards,
     read_manifest,
     shard_urls,
     verify_shards,
+    write_tar,
 )
 from .sources import DataError
 
@@ -114,7 +113,11 @@ def write_partitioned_shards(
         shard_of_part[group] = number
 
     out.mkdir(parents=True, exist_ok=True)
-    spool = Path(tempfile.mkdtemp(prefix=".spool-", dir=out))
+    for pattern in (".*.tmp-*", ".spool-*"):  # of an earlier run killed mid-write
+        remove_stale_temporaries(out, pattern)
+    spool = out / f".spool-{os.getpid()}"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir()
     entries, offset = [], 0
     try:
         for lo in range(0, len(groups), max_open_shards):
@@ -195,12 +198,8 @@ def _write_sorted_shard(spooled: Path, out: Path, number: int, group: np.ndarray
     if len(records) != expected:  # pass 1 checked the source, so this is a bug or a full disk
         raise DataError(f"spooled shard {spooled} holds {len(records)} samples, expected {expected}")
     filename = f"shard-{number:06d}.tar"
-    tmp = out / (filename + ".tmp")
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
-        for _, sample in records:
-            sink.write({key: value for key, value in sample.items() if not key.startswith("__") or key == "__key__"})
-    digest = _sha256(tmp)
-    os.replace(tmp, out / filename)
+    digest = write_tar(out / filename, ({key: value for key, value in sample.items()
+                                         if not key.startswith("__") or key == "__key__"} for _, sample in records))
     spooled.unlink()
     return {"file": filename, "count": expected, "first_index": offset, "sha256": digest,
             "partitions": group.tolist(), "partition_sizes": sizes[group].tolist()}

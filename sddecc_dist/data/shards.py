@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+
+from sddecc_dist.utils import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 
 from .sources import DataError, RawDataset
 
@@ -43,19 +45,14 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
         raise DataError(f"samples_per_shard must be positive, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # of an earlier prepare killed mid-write
     shards = []
     for number, first in enumerate(range(0, len(images), samples_per_shard)):
         stop = min(first + samples_per_shard, len(images))
         filename = f"shard-{number:06d}.tar"
-        tmp = out / (filename + ".tmp")
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:  # int mtime: reproducible, no PAX headers
-            for index in range(first, stop):
-                sample = {"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index])}
-                if labels is not None:
-                    sample["cls"] = int(labels[index])
-                sink.write(sample)
-        digest = _sha256(tmp)
-        os.replace(tmp, out / filename)
+        samples = ({"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index]),
+                    **({"cls": int(labels[index])} if labels is not None else {})} for index in range(first, stop))
+        digest = write_tar(out / filename, samples)
         shards.append({"file": filename, "count": stop - first, "first_index": first, "sha256": digest})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -69,10 +66,20 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
         "has_labels": labels is not None,
         "shards": shards,
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST_NAME)
+    # Last, once every shard is complete on disk: a folder without its manifest is no dataset.
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_tar(path: Path, samples: Iterable[dict]) -> str:
+    """Write webdataset samples as one tar shard, atomically (utils.atomic_write_bytes: temp
+    file, fsync, rename); return its sha256."""
+    def write(stream):
+        with wds.TarWriter(stream, mtime=0) as sink:  # int mtime: reproducible, no PAX headers
+            for sample in samples:
+                sink.write(sample)
+    atomic_write_bytes(path, write)
+    return _sha256(path)
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -91,13 +98,64 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"manifest {path} lacks keys: {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise DataError(f"manifest {path} has format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
+    _check_manifest_fields(manifest, path)
+    if sum(s["count"] for s in manifest["shards"]) != manifest["count"]:
+        raise DataError(f"manifest {path}: shard counts do not add up to count={manifest['count']}")
+    return manifest
+
+
+def _is_real_dtype(name) -> bool:
+    try:
+        return isinstance(name, str) and np.dtype(name).kind in "uifb"
+    except TypeError:
+        return False
+
+
+def _check_manifest_fields(manifest: dict, path: Path) -> None:
+    """The type and range of every field a reader relies on, each named when wrong."""
+    def is_int(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def wrong(field: str, expected: str, value) -> DataError:
+        return DataError(f"manifest {path}: {field} must be {expected}, got {value!r:.80}")
+
+    shape, value_range = manifest["image_shape"], manifest["value_range"]
+    checks = [
+        ("name", isinstance(manifest["name"], str), "a string"),
+        ("count", is_int(manifest["count"], 1), "a positive integer"),
+        ("image_shape", isinstance(shape, list) and len(shape) == 3 and all(is_int(v, 1) for v in shape)
+         and shape[0] in (1, 3), "[C, H, W] with C 1 or 3"),
+        ("dtype", _is_real_dtype(manifest["dtype"]), "the name of a numpy integer, float or bool dtype"),
+        ("value_range", isinstance(value_range, list) and len(value_range) == 2
+         and all(is_number(v) for v in value_range) and value_range[0] < value_range[1], "[low, high], low < high"),
+        ("n_classes", manifest["n_classes"] is None or is_int(manifest["n_classes"], 1), "null or a positive integer"),
+        ("class_names", manifest["class_names"] is None or isinstance(manifest["class_names"], list)
+         and all(isinstance(c, str) for c in manifest["class_names"]), "null or a list of strings"),
+        ("has_labels", isinstance(manifest["has_labels"], bool), "true or false"),
+        ("shards", isinstance(manifest["shards"], list) and len(manifest["shards"]) > 0, "a non-empty list"),
+    ]
+    for field, ok, expected in checks:
+        if not ok:
+            raise wrong(field, expected, manifest[field])
     for i, shard in enumerate(manifest["shards"]):
         lacking = [k for k in _SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
         if lacking:
             raise DataError(f"manifest {path}: shard entry {i} lacks keys: {', '.join(lacking)}")
-    if sum(s["count"] for s in manifest["shards"]) != manifest["count"]:
-        raise DataError(f"manifest {path}: shard counts do not add up to count={manifest['count']}")
-    return manifest
+        name = shard["file"]
+        shard_checks = [
+            ("file", isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+             "a file name inside the folder"),
+            ("count", is_int(shard["count"], 1), "a positive integer"),
+            ("first_index", is_int(shard["first_index"], 0), "an integer >= 0"),
+            ("sha256", isinstance(shard["sha256"], str) and len(shard["sha256"]) == 64
+             and all(c in "0123456789abcdef" for c in shard["sha256"]), "64 hex digits"),
+        ]
+        for field, ok, expected in shard_checks:
+            if not ok:
+                raise wrong(f"shard entry {i}'s {field}", expected, shard[field])
 
 
 def manifest_fingerprint(manifest: dict) -> str:
@@ -133,9 +191,12 @@ def rank_shards(manifest: dict, rank: int, world_size: int) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
     if rank >= n_shards:
-        raise DataError(f"rank {rank} has no shard: the data has {n_shards} shard(s) for world_size {world_size}; "
-                        f"use at most {n_shards} ranks or write more, smaller shards (samples_per_shard, "
-                        "partitions_per_shard)")
+        raise DataError(f"rank {rank} has no shard: the data ({manifest.get('name')}, {manifest.get('count')} "
+                        f"samples) has {n_shards} shard(s) for world_size {world_size}; start at most {n_shards} "
+                        f"ranks, or prepare it again into a new folder in {world_size} or more shards: `sddecc "
+                        f"prepare SOURCE --out NEW_DIR --samples-per-shard "
+                        f"{max(1, -(-int(manifest.get('count', 1)) // world_size))}` (SOURCE as before: a "
+                        f"dataset name, .npz or image folder; partitions_per_shard for partition-ordered data)")
     return list(range(rank, n_shards, world_size))
 
 

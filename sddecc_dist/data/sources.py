@@ -267,9 +267,11 @@ def _load_npz(path: Path) -> RawDataset:
     if x is None:
         raise DataError(f"{path}: missing key 'x' (the images); keys present: {', '.join(keys) or 'none'}")
     x = _to_nchw(x, path)
+    if x.size == 0:
+        raise DataError(f"{path}: key 'x' holds no pixels: shape {x.shape}")
     if x.dtype != np.uint8:
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise DataError(f"{path}: key 'x' has non-numeric dtype {x.dtype}")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+            raise DataError(f"{path}: key 'x' has dtype {x.dtype}; expected real numbers")
         x = x.astype(np.float32)
         _check_finite(x, str(path))
     labels, n_classes, class_names = _encode_labels(y, len(x), path)

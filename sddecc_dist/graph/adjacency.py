@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from sddecc_dist.config import IndexParams
+from sddecc_dist.utils import atomic_torch_save
 
 from .knn import GraphError, knn_graph, resolve_use_gpu
 
@@ -144,8 +145,9 @@ def build_graph(
 def save_graph(path: str | os.PathLike, adjacency: torch.Tensor, neighbors: np.ndarray, meta: dict) -> None:
     """Write the graph to one file, atomically.
 
-    The file is written to ``path + '.tmp'``, synced and then renamed, so a
-    crash or a concurrent reader never sees a half-written graph. ``meta``
+    The file is written to a temporary name beside it, fsynced and then renamed
+    (``utils.atomic_write_bytes``), so a crash or a concurrent reader never sees a
+    half-written graph. ``meta``
     must be JSON-like (str/int/float/bool/None, lists, dicts) because
     ``load_graph`` uses ``torch.load(weights_only=True)``, which refuses
     arbitrary pickled objects such as numpy scalars.
@@ -168,18 +170,7 @@ def save_graph(path: str | os.PathLike, adjacency: torch.Tensor, neighbors: np.n
         "neighbors": torch.from_numpy(np.ascontiguousarray(neighbors, dtype=np.int64)),
         "meta": meta,
     }
-    path = os.fspath(path)
-    tmp_path = path + ".tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def to_scipy_csr(adjacency: torch.Tensor) -> sp.csr_matrix:

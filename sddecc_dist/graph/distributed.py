@@ -54,8 +54,9 @@ def assign_shards(manifest: dict, world_size: int, k: int, data_dir: str | Path 
     if len(shards) < world_size:
         raise GraphError(
             f"{data_dir}/dataset.json lists {len(shards)} shard(s) for {world_size} ranks: rank(s) "
-            f"{list(range(len(shards), world_size))} would get no shard; write more shards "
-            f"(sddecc prepare --samples-per-shard) or start fewer ranks"
+            f"{list(range(len(shards), world_size))} would get no shard; start at most {len(shards)} ranks, or "
+            f"prepare it again into a new folder in {world_size} or more shards (sddecc prepare SOURCE --out NEW_DIR "
+            f"--samples-per-shard {max(1, -(-manifest['count'] // world_size))})"
         )
     if not 1 <= k < manifest["count"]:
         raise GraphError(f"k={k} must be at least 1 and smaller than the number of samples N={manifest['count']}")

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from sddecc_dist.config import ConfigError
 from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.distributed import log
-from sddecc_dist.utils import atomic_write_json
+from sddecc_dist.utils import atomic_write_json, disk_full_error
 
 PHASES = ("pretrain", "joint")
 STATE_FORMAT_VERSION = 1
@@ -92,7 +92,14 @@ class Checkpointer:
         if is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
+        try:
+            self.accelerator.save_state(str(tmp))
+        except Exception as error:  # a full disk: one line naming the checkpoint; the older ones stay
+            full = disk_full_error(error, tmp)
+            if full is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise full from error
         self.accelerator.wait_for_everyone()
         if is_main:
             atomic_write_json(self.run.trainer_state_path(tmp), state.to_json())

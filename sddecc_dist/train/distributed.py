@@ -15,7 +15,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sddecc_dist.config import Config
-from sddecc_dist.utils import console
+from sddecc_dist.utils import atomic_write_text, console
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -86,6 +86,23 @@ def sum_over_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tens
 
 class Preempted(SystemExit):
     """Raised after a checkpoint was saved on SIGTERM / SIGUSR1; exit status 128 + signal."""
+
+
+# Named by scripts/slurm/accelerate_cmd.sh: the file into which a stopped run writes its status.
+STOP_FILE_VARIABLE = "SDDECC_STOP_FILE"
+
+
+def stopped_on_signal(signum: int, accelerator: Accelerator) -> Preempted:
+    """The exception that ends a run stopped on a signal: exit status 128 + signal (143 for
+    SIGTERM, 138 for SIGUSR1), apart from 1 (an error) and 2 (bad input). `accelerate launch`
+    (and torchrun's agent under it) reports any failed worker as 1, so the main process also
+    writes the status into the file $SDDECC_STOP_FILE names, which the Slurm batch script reads
+    to exit with it."""
+    status = 128 + signum
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if path and accelerator.is_main_process:
+        atomic_write_text(path, f"{status}\n")
+    return Preempted(status)
 
 
 class StopSignal:

@@ -22,6 +22,7 @@ import hashlib
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,13 @@ from sddecc_dist.run_folder import RunFolder, RunFolderError, RunLock, read_mode
 from sddecc_dist.train import inference
 from sddecc_dist.train.checkpoint import Checkpointer, Position, TrainerState
 from sddecc_dist.train.distributed import (
-    Preempted,
     StopSignal,
     log,
     make_accelerator,
     progress_bars,
     reset_optimizer_moments,
     set_deepspeed_micro_batch,
+    stopped_on_signal,
     sum_over_ranks,
     sync_master_weights,
 )
@@ -87,9 +88,9 @@ class Training:
         if signum:
             following = at.next(steps_in_epoch)
             self.checkpoint(following)
-            log(f"[yellow]signal {signum}: saved {self.run.checkpoint_dir(following.name)}; exiting so the "
-                f"job can be requeued (resume with train.resume=true)")
-            raise Preempted(128 + signum)
+            log(f"[yellow]signal {signum}: saved {self.run.checkpoint_dir(following.name)}; stopping with exit "
+                f"status {128 + signum} (continue it with --resume, train.resume=true)")
+            raise stopped_on_signal(signum, self.accelerator)
 
     def score(self, assignments: np.ndarray) -> dict:
         return clustering_scores(self.labels, assignments) if self.labels is not None else {}
@@ -105,6 +106,20 @@ class Training:
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             self.run.append_metrics(record)
+
+
+def logged_before(position: Position, record: dict) -> bool:
+    """Whether a metrics.jsonl record was logged before the checkpoint at `position` was saved:
+    each phase logs its line, then saves its checkpoint (pretraining epoch e: line "epoch": e,
+    then Position("pretrain", e); the start and self-labelling lines, then Position("joint", 0);
+    joint epoch e: line "epoch": e, then Position("joint", e))."""
+    order = {"pretrain": 0, "kmeans": 1, "self_label": 1, "joint": 2}
+    if record.get("phase") not in order:
+        return True  # no line of this loop's: kept as it is
+    at = (order[position.phase], position.epoch)
+    if order[record["phase"]] == 1:
+        return at[0] == 2
+    return (order[record["phase"]], record.get("epoch", 0)) <= at
 
 
 def train(config: Config) -> dict:
@@ -180,6 +195,9 @@ def _train(config: Config, accelerator: Accelerator, run: RunFolder, manifest: d
     state.sampler = sampler.state_dict()
     if config.train.resume and accelerator.is_main_process:  # the checkpoint was accepted
         run.write_config(config)
+        dropped = run.keep_metrics_log(partial(logged_before, state.position))
+        if dropped:
+            log(f"{run.metrics_log_path}: {dropped} line(s) logged after the checkpoint dropped; they are logged anew")
 
     with StopSignal() as stop, progress_bars() as progress:
         in_memory = None
@@ -299,9 +317,9 @@ def _self_label(t: Training) -> None:
             t.progress.update(task, status=f"step {step + 1}/{batches.steps_per_epoch}")
             signum = t.stop.agreed(t.accelerator)
             if signum:
-                log(f"[yellow]signal {signum} in the self-labelling stage: exiting; a resumed run repeats the "
-                    f"stage from the start's checkpoint")
-                raise Preempted(128 + signum)
+                log(f"[yellow]signal {signum} in the self-labelling stage: stopping with exit status "
+                    f"{128 + signum}; a resumed run repeats the stage from the start's checkpoint")
+                raise stopped_on_signal(signum, t.accelerator)
         t.progress.update(task, advance=1)
         means = {k: v / max(seen, 1) for k, v in sums.items()}
         rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)

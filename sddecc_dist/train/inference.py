@@ -105,9 +105,10 @@ def assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None,
 
 def final_assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
                       accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor] | None]:
-    """(argmax_j Y_ij, max_j Y_ij, each GCN layer's input rows) of every node, on every rank:
-    the run's assignments, their confidence, and what `predict` needs of the training graph."""
-    layer_inputs = [] if core.use_gcn else None
+    """(argmax_j Y_ij, max_j Y_ij, each GCN layer's input rows) of every node: the run's
+    assignments and their confidence on every rank, and on the main process what `predict`
+    needs of the training graph (None elsewhere, and without a GCN)."""
+    layer_inputs = [] if core.use_gcn and accelerator.is_main_process else None
     y = predict_layerwise(core, share, adjacency, n, accelerator, layer_inputs)
     confidence, labels = y.max(1)
     gathered = gather_rows(accelerator, share.ids, torch.stack([labels.float(), confidence], 1).to(accelerator.device), n)

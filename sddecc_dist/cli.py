@@ -116,7 +116,7 @@ def _partition(args) -> None:
 
 
 def _predict(args) -> None:
-    result = predict(args.run_dir, args.source, args.out, with_codes=args.codes, size=args.size)
+    result = predict(args.run_dir, args.source, args.out, with_codes=args.codes, size=args.size, as_new=args.as_new)
     console.log(f"{result['images']} images into {result['clusters_used']} clusters in {result['seconds']:.1f} s "
                 f"({result['images_per_second']:.0f} images/s) -> {result['out']}")
 
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--out", required=True, help="FILE.csv, or FILE.parquet (needs pyarrow)")
     predict.add_argument("--codes", action="store_true", help="add each image's code (code_0, code_1, ...)")
     predict.add_argument("--size", type=int, help="resize an image folder's images to SIZE x SIZE, as prepare does")
+    predict.add_argument("--as-new", action="store_true",
+                         help="an image that is a training image joins the graph as a new node too (by default it "
+                              "gets its own node's result): measures the approximation (docs/predict.md)")
     predict.set_defaults(func=_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run's assignments against labels")

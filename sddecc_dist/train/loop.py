@@ -500,7 +500,9 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
             if layer_inputs is not None:
                 images = t.sampler.images_in_memory
                 images = load_all(t.config.data_dir, manifest)[0] if images is None else images
-                save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp)
+                cut_along = start if t.config.train.joint_graph == "within_start" else None
+                save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp, cut_along,
+                                   assignments, confidence)
         t.run.write_metrics(result)
     log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")

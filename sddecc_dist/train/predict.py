@@ -9,8 +9,9 @@ compared (RUN/predict/knn.index); the training nodes keep their rows. GCN layer 
 p_x being its own row-wise layer input ([(1-δ)H + δZ] W, from its own encoding), p_j the input
 rows of its neighbours in the final inference (RUN/predict/graph_rows.pt) and d_j their degrees
 in the training graph (the graph the final model was trained on, cut or not). A query equal to a
-training image (distance 0) is that image: its neighbours are the next k, as in the graph,
-which leaves a node itself out. docs/predict.md says what this approximation gives.
+training image (distance 0) is that image: it gets that node's result of the final inference
+(with --as-new, a new node whose neighbours are the next k, as in the graph, which leaves a node
+itself out). docs/predict.md says what this approximation gives.
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ def graph_features(images: torch.Tensor, view: str) -> np.ndarray:
 
 
 def save_predict_state(run: RunFolder, config: Config, manifest: dict, images: torch.Tensor,
-                       layer_inputs: list[torch.Tensor], adjacency: sp.csr_matrix) -> None:
-    """Write what `predict` needs of the training graph (main process, after the final inference)."""
+                       layer_inputs: list[torch.Tensor], adjacency: sp.csr_matrix, cut_along: np.ndarray | None,
+                       assignments: np.ndarray, confidence: np.ndarray) -> None:
+    """Write what `predict` needs of the training graph (main process, after the final inference):
+    `cut_along` is the partition the joint phase's graph was cut along (train.joint_graph=
+    within_start), else None; `assignments` and `confidence` the final inference's."""
     view = graph_view(config, manifest)
     index, spec = build_search_index(graph_features(images, view), config.graph)
     degrees = 1.0 / adjacency.diagonal()  # Â_jj = 1 / d_j: D^-1/2 (A + I) D^-1/2 with no self-edge in A
     atomic_torch_save({"format_version": GRAPH_ROWS_FORMAT, "layer_inputs": [t.float() for t in layer_inputs],
                        "degrees": torch.from_numpy(np.asarray(degrees, dtype=np.float32)), "k": config.graph.k,
-                       "view": view, "index": spec}, run.predict_state_path)
+                       "view": view, "index": spec,
+                       "cut_along": None if cut_along is None else torch.from_numpy(np.asarray(cut_along)),
+                       "assignments": torch.from_numpy(np.asarray(assignments, dtype=np.int64)),
+                       "confidence": torch.from_numpy(np.asarray(confidence, dtype=np.float32))},
+                      run.predict_state_path)
     save_search_index(run.predict_index_path, index)
 
 
@@ -70,23 +78,30 @@ def read_images(source: str | Path, image_shape: tuple, size: int | None = None)
 
 @torch.no_grad()
 def predict_images(trained: TrainedModel, images: torch.Tensor, state: dict | None, index,
-                   batch_size: int = 1024, with_codes: bool = False):
-    """(clusters, confidences, codes or None) of images (N, C, H, W) in [0, 1]."""
+                   batch_size: int = 1024, with_codes: bool = False, known_as_known: bool = True):
+    """(clusters, confidences, codes or None) of images (N, C, H, W) in [0, 1]. An image that is
+    a training image gets that node's own result (`known_as_known`; False treats it as new, to
+    measure the approximation)."""
     core = trained.model.eval()
     clusters, confidences, codes = [], [], []
-    neighbours = None
+    neighbours = known = None
     if core.use_gcn:
         k = state["k"]
-        distances, found = index.search(np.ascontiguousarray(graph_features(images, state["view"])), k + 1)
-        itself = distances[:, 0] <= 1e-9 * np.maximum(1.0, distances[:, -1])
+        features = np.ascontiguousarray(graph_features(images, state["view"]))
+        distances, found = index.search(features, k + 1)
+        # A training image itself: distance 0 up to FAISS's rounding (|q|^2 + |x|^2 - 2 q.x in float32)
+        itself = distances[:, 0] <= 1e-5 * (1.0 + (features.astype(np.float64) ** 2).sum(1))
         neighbours = torch.from_numpy(np.where(itself[:, None], found[:, 1:], found[:, :k]))
+        known = torch.from_numpy(np.where(itself & known_as_known, found[:, 0], -1))
         degrees = state["degrees"]
+        if state.get("cut_along") is not None:  # the graph was cut along a partition: so are the new edges
+            neighbours = _within_plurality(neighbours, state["cut_along"])
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         encoded = core.encode(x)
         if core.use_gcn:
             near = neighbours[start:start + batch_size]
-            valid = near >= 0  # an IVF search can find fewer than k
+            valid = near >= 0  # an IVF search can find fewer than k; a cut graph keeps fewer
             near = near.clamp(min=0)
             d_x = 1.0 + valid.sum(1, keepdim=True).float()
             weights = valid.float() / torch.sqrt(d_x * degrees[near])
@@ -100,6 +115,10 @@ def predict_images(trained: TrainedModel, images: torch.Tensor, state: dict | No
         else:
             y = core.cluster_probabilities(x, encoded, None)
         confidence, cluster = y.max(1)
+        if known is not None:  # the final inference's result for the training images themselves
+            same = known[start:start + batch_size]
+            rows = same >= 0
+            cluster[rows], confidence[rows] = state["assignments"][same[rows]], state["confidence"][same[rows]]
         clusters.append(cluster)
         confidences.append(confidence)
         if with_codes:
@@ -108,10 +127,23 @@ def predict_images(trained: TrainedModel, images: torch.Tensor, state: dict | No
             torch.cat(codes).numpy() if with_codes else None)
 
 
+def _within_plurality(neighbours: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
+    """Keep (else mark -1) the edges to the neighbours in the cluster most of them are in (the
+    nearest one's on a tie): the new node's cluster of the partition the training graph was cut
+    along, as far as its neighbours tell, and the cut's rule for its edges."""
+    clusters = partition[neighbours.clamp(min=0)]
+    votes = torch.zeros(len(clusters), int(partition.max()) + 1).scatter_add_(
+        1, clusters, (neighbours >= 0).float())
+    votes[torch.arange(len(clusters)), clusters[:, 0]] += 0.5  # ties: the nearest neighbour's
+    keep = clusters == votes.argmax(1, keepdim=True)
+    return torch.where(keep & (neighbours >= 0), neighbours, torch.full_like(neighbours, -1))
+
+
 def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes: bool = False,
-            size: int | None = None) -> dict:
+            size: int | None = None, as_new: bool = False) -> dict:
     """Assign every image of `source` to one of the run's clusters; write `out` (CSV, or
-    Parquet for a .parquet name, with pyarrow). Returns counts and throughput."""
+    Parquet for a .parquet name, with pyarrow). Returns counts and throughput. `as_new`: treat
+    an image that is a training image as a new one (to measure the approximation)."""
     run, out = RunFolder(run_dir), Path(out)
     if not run.model_file("final").is_file():
         raise RunFolderError(f"run {run.path}: no final model ({run.model_file('final')}); predict needs a finished run")
@@ -128,7 +160,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
         index = load_search_index(run.predict_index_path)
     images, keys = read_images(source, tuple(trained.manifest["image_shape"]), size)
     start = time.perf_counter()
-    clusters, confidence, codes = predict_images(trained, images, state, index, with_codes=with_codes)
+    clusters, confidence, codes = predict_images(trained, images, state, index, with_codes=with_codes,
+                                                 known_as_known=not as_new)
     seconds = time.perf_counter() - start
     _write_table(out, keys, clusters, confidence, codes)
     return {"images": len(images), "seconds": seconds, "images_per_second": len(images) / max(seconds, 1e-9),

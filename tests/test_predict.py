@@ -13,25 +13,21 @@ import scipy.sparse as sp
 import torch
 from PIL import Image
 
-from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, load_all
 from sddecc_dist.graph import load_search_index, to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph
 from sddecc_dist.run_folder import RunFolder, load_model
-from sddecc_dist.train.loop import train
 from sddecc_dist.train.predict import graph_features, predict, predict_images
+
+from conftest import short_digits_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("predict")
-    config = load_config(ROOT / "configs/digits.yaml", [
-        f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}", "train.pretrain_epochs=3",
-        "train.head_warmup_epochs=3", "train.joint_epochs=8", "train.kmeans_n_init=2"])
-    train(config)
-    return tmp / "data", RunFolder(tmp / "run")
+    folder = short_digits_run(tmp_path_factory.mktemp("predict"), pretrain=3, warmup=3, joint=8)
+    return folder / "data", RunFolder(folder / "run")
 
 
 def _table(path: Path) -> list[dict]:

@@ -38,6 +38,7 @@ from sddecc_dist.pipeline import (
 )
 from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.loop import train
+from sddecc_dist.train.predict import predict
 from sddecc_dist.utils import console
 
 
@@ -112,6 +113,12 @@ def _partition(args) -> None:
     out = ensure_partitioned_shards(args.data_dir, args.k, args.parts, args.partition_method,
                                     args.partitions_per_shard, seed=args.seed, view=view)
     print(out)
+
+
+def _predict(args) -> None:
+    result = predict(args.run_dir, args.source, args.out, with_codes=args.codes, size=args.size, as_new=args.as_new)
+    console.log(f"{result['images']} images into {result['clusters_used']} clusters in {result['seconds']:.1f} s "
+                f"({result['images_per_second']:.0f} images/s) -> {result['out']}")
 
 
 def _evaluate(args) -> None:
@@ -192,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="pretrain and jointly train SDDECC")
     add_train_arguments(train)
     train.set_defaults(func=run_train)
+
+    predict = commands.add_parser("predict", help="assign new images to a finished run's clusters (CSV or Parquet)")
+    predict.add_argument("run_dir", help="a finished run folder (checkpoints/final.pt, predict/)")
+    predict.add_argument("source", help="what `prepare` takes: a prepared folder, an image folder, a .npz or a named set")
+    predict.add_argument("--out", required=True, help="FILE.csv, or FILE.parquet (needs pyarrow)")
+    predict.add_argument("--codes", action="store_true", help="add each image's code (code_0, code_1, ...)")
+    predict.add_argument("--size", type=int, help="resize an image folder's images to SIZE x SIZE, as prepare does")
+    predict.add_argument("--as-new", action="store_true",
+                         help="an image that is a training image joins the graph as a new node too (by default it "
+                              "gets its own node's result): measures the approximation (docs/predict.md)")
+    predict.set_defaults(func=_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run's assignments against labels")
     evaluate.add_argument("run_dir")

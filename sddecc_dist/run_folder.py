@@ -6,12 +6,16 @@
       initial_assignments.txt    the start: the partition the centres μ_y come from
       self_label_assignments.txt the self-labelling stage's partition, which replaces the start
       assignments.txt            the final cluster of every sample, line i for sample i
+      assignments.csv            the same with each sample's key and confidence (max_j Y_ij)
       metrics.json               final scores and facts of the run (written last: a finished run)
       checkpoints/
         ckpt-P-EEEEE-SSSSSSS/    resumable trainer state: phase P, epoch, step (train/checkpoint.py):
           trainer_state.json     the trainer's own state, beside Accelerate's files
         .tmp-ckpt-.../           one being written (never read)
         pretrain.pt, final.pt    model files: weights and config (`write_model_file`, `load_model`)
+      predict/                   what `sddecc predict` needs of the training graph (train/predict.py):
+        graph_rows.pt            each GCN layer's input rows of every training node, their degrees
+        knn.index                the FAISS index of the graph's features
       previous/TIME/             an earlier run of this folder, moved there whole by `--new-version`
       .lock                      while a training runs here: its host, pid and Slurm job (RunLock)
 
@@ -24,6 +28,8 @@ training's `init_from`, plots and scripts alike.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -43,7 +49,7 @@ from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.utils import atomic_torch_save, atomic_write_json, atomic_write_text, process_exists
 
 __all__ = ["METRICS_REQUIRED_KEYS", "SCORE_KEYS", "RunFolder", "RunFolderError", "RunLock", "TrainedModel",
-           "load_model", "read_model_file"]
+           "assignments_csv", "load_model", "read_model_file"]
 
 # Keys metrics.json must hold; acc/nmi/ari come together, and only when the data has labels.
 METRICS_REQUIRED_KEYS = ("dataset", "method", "seed", "n_samples", "epoch", "selection", "seconds")
@@ -69,16 +75,18 @@ class RunFolder:
     METRICS = "metrics.json"
     METRICS_LOG = "metrics.jsonl"
     ASSIGNMENTS = "assignments.txt"
+    ASSIGNMENTS_CSV = "assignments.csv"
     INITIAL_ASSIGNMENTS = "initial_assignments.txt"
     SELF_LABEL_ASSIGNMENTS = "self_label_assignments.txt"
     CHECKPOINTS = "checkpoints"
     TRAINER_STATE = "trainer_state.json"
     PREVIOUS = "previous"
+    PREDICT = "predict"
     LOCK = ".lock"
     # What a run writes at the folder's top level (checkpoints.previous: older trainers set an
     # earlier run's checkpoints aside there). Anything else in the folder is not the run's.
-    RUN_ENTRIES = (CONFIG, METRICS, METRICS_LOG, ASSIGNMENTS, INITIAL_ASSIGNMENTS, SELF_LABEL_ASSIGNMENTS,
-                   CHECKPOINTS, "checkpoints.previous")
+    RUN_ENTRIES = (CONFIG, METRICS, METRICS_LOG, ASSIGNMENTS, ASSIGNMENTS_CSV, INITIAL_ASSIGNMENTS,
+                   SELF_LABEL_ASSIGNMENTS, CHECKPOINTS, PREDICT, "checkpoints.previous")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -122,6 +130,14 @@ class RunFolder:
     @property
     def lock_path(self) -> Path:
         return self.path / self.LOCK
+
+    @property
+    def predict_state_path(self) -> Path:
+        return self.path / self.PREDICT / "graph_rows.pt"
+
+    @property
+    def predict_index_path(self) -> Path:
+        return self.path / self.PREDICT / "knn.index"
 
     def model_file(self, name: str) -> Path:
         """checkpoints/pretrain.pt or checkpoints/final.pt."""
@@ -195,6 +211,9 @@ class RunFolder:
 
     def write_assignments(self, assignments: np.ndarray) -> None:
         atomic_write_text(self.assignments_path, _lines(assignments))
+
+    def write_assignments_csv(self, keys: list[str], assignments: np.ndarray, confidence: np.ndarray) -> None:
+        atomic_write_text(self.path / self.ASSIGNMENTS_CSV, assignments_csv(keys, assignments, confidence))
 
     def write_initial_assignments(self, assignments: np.ndarray) -> None:
         atomic_write_text(self.initial_assignments_path, _lines(assignments))
@@ -402,6 +421,19 @@ class RunLock:
         if not isinstance(pid, int) or pid == owner["pid"]:
             return True
         return not process_exists(pid)
+
+
+def assignments_csv(keys: list[str], assignments: np.ndarray, confidence: np.ndarray,
+                    codes: np.ndarray | None = None) -> str:
+    """CSV text: key, cluster, confidence (and code_0, code_1, ... with `codes`), one row per sample."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["key", "cluster", "confidence"] + ([f"code_{i}" for i in range(codes.shape[1])]
+                                                         if codes is not None else []))
+    for i, key in enumerate(keys):
+        row = [key, int(assignments[i]), f"{float(confidence[i]):.6f}"]
+        writer.writerow(row + ([f"{v:.6g}" for v in codes[i]] if codes is not None else []))
+    return buffer.getvalue()
 
 
 def read_model_file(path: str | Path) -> tuple[Config, dict]:

@@ -1,4 +1,4 @@
-"""Data shared by several test modules."""
+"""Data and runs shared by several test modules."""
 
 from pathlib import Path
 
@@ -19,3 +19,16 @@ def coloured_digits_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("coloured") / "coloured-digits.npz"
     np.savez(path, x=(grey * ink + (1 - grey) * paper).astype(np.float32), y=digits.target)
     return path
+
+
+def short_digits_run(folder: Path, pretrain: int, warmup: int, joint: int) -> Path:
+    """A real run of configs/digits.yaml on digits with a short schedule (seconds), data in
+    FOLDER/data, run folder FOLDER/run; returns FOLDER."""
+    from sddecc_dist.config import load_config
+    from sddecc_dist.train.loop import train
+
+    root = Path(__file__).resolve().parent.parent
+    train(load_config(root / "configs/digits.yaml", [
+        f"data_dir={folder / 'data'}", f"output_dir={folder / 'run'}", f"train.pretrain_epochs={pretrain}",
+        f"train.head_warmup_epochs={warmup}", f"train.joint_epochs={joint}", "train.kmeans_n_init=1"]))
+    return folder

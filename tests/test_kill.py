@@ -33,7 +33,7 @@ from sddecc_dist.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [int(seed) for seed in os.environ.get("SDDECC_KILL_SEEDS", "0").split()]
-KILLS_PER_CHAIN = 3
+KILLS_PER_CHAIN = 2
 SDDECC = [sys.executable, "-m", "sddecc_dist.cli"]  # this checkout's, as launch/train.py is
 TRAIN = ["configs/digits.yaml", "train.pretrain_epochs=6", "model.self_label_head=true", "train.self_label_epochs=2",
          "train.head_warmup_epochs=3", "train.joint_epochs=20", "train.checkpoint_every=2", "train.eval_every=4",

@@ -13,7 +13,6 @@ import torch
 import yaml
 from PIL import Image
 
-from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, RawDataset, load_all, write_shards
 from sddecc_dist.eval.plots import (
     DPI,
@@ -26,9 +25,8 @@ from sddecc_dist.eval.plots import (
 )
 from sddecc_dist.pipeline import ensure_graph
 from sddecc_dist.run_folder import RunFolder, RunFolderError
-from sddecc_dist.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import short_digits_run
 
 
 def _png(path: Path) -> np.ndarray:
@@ -46,12 +44,7 @@ def _distinct_colours(pixels: np.ndarray) -> int:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A real run on digits with a very short schedule (seconds): the trainer's own folder."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    config = load_config(ROOT / "configs/digits.yaml", [
-        f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}", "train.pretrain_epochs=1",
-        "train.joint_epochs=2", "train.head_warmup_epochs=1", "train.kmeans_n_init=1"])
-    train(config)
-    return tmp
+    return short_digits_run(tmp_path_factory.mktemp("tiny"), pretrain=1, warmup=1, joint=2)
 
 
 def test_tsne_png_of_a_real_run(tiny_run, tmp_path):

@@ -34,6 +34,7 @@ class RawDataset:
     value_range: tuple[float, float]
     n_classes: int | None
     class_names: list[str] | None = None
+    keys: list[str] | None = None  # a name per image (an image folder's: its path inside it); else the index
 
 
 # name -> [(filename, url, md5, md5_kind)]; md5_kind "content" hashes the gunzipped bytes
@@ -319,12 +320,13 @@ def _load_folder(folder: Path, size: int | None) -> RawDataset:
             raise DataError(f"images of different shapes in {folder}: {files[0]} is {arrays[0].shape}, {p} is "
                             f"{a.shape} (C,H,W); pass size= to resize them all")
     images = np.stack(arrays)
+    keys = [p.relative_to(folder).as_posix() for p in files]
     if top_level:
-        return RawDataset(folder.name, images, None, (0.0, 255.0), None)
+        return RawDataset(folder.name, images, None, (0.0, 255.0), None, keys=keys)
     class_names = sorted({p.relative_to(folder).parts[0] for p in files})
     ids = {c: i for i, c in enumerate(class_names)}
     labels = np.array([ids[p.relative_to(folder).parts[0]] for p in files], dtype=np.int64)
-    return RawDataset(folder.name, images, labels, (0.0, 255.0), len(class_names), class_names)
+    return RawDataset(folder.name, images, labels, (0.0, 255.0), len(class_names), class_names, keys=keys)
 
 
 def _read_image(path: Path, size: int | None) -> np.ndarray:

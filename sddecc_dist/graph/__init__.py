@@ -15,7 +15,17 @@ from .adjacency import (
     to_scipy_csr,
 )
 from .distributed import FeatureTransform, assign_shards, build_graph_sharded, transformed
-from .knn import INDEX_TYPES, GraphError, knn_graph, knn_search, resolve_use_gpu, umap_knn
+from .knn import (
+    INDEX_TYPES,
+    GraphError,
+    build_search_index,
+    knn_graph,
+    knn_search,
+    load_search_index,
+    resolve_use_gpu,
+    save_search_index,
+    umap_knn,
+)
 from .partition import (
     PARTITION_FORMAT_VERSION,
     PARTITION_METHODS,
@@ -38,6 +48,7 @@ __all__ = [
     "assign_shards",
     "build_graph",
     "build_graph_sharded",
+    "build_search_index",
     "edges_within",
     "graph_fingerprint",
     "induced_adjacency",
@@ -47,6 +58,7 @@ __all__ = [
     "load_graph",
     "load_neighbors",
     "load_partitions",
+    "load_search_index",
     "normalized_adjacency",
     "partition",
     "partition_graph",
@@ -55,6 +67,7 @@ __all__ = [
     "resolve_use_gpu",
     "save_graph",
     "save_partitions",
+    "save_search_index",
     "symmetric_adjacency",
     "to_scipy_csr",
     "transformed",

@@ -17,11 +17,15 @@ import faiss
 import numpy as np
 
 from sddecc_dist.config import IndexParams, choices
+from sddecc_dist.utils import atomic_write_bytes
 
 __all__ = [
     "INDEX_TYPES",
     "GraphError",
     "build_index",
+    "build_search_index",
+    "load_search_index",
+    "save_search_index",
     "knn_graph",
     "knn_search",
     "measure_recall",
@@ -318,3 +322,25 @@ def umap_knn(features: np.ndarray, n_neighbors: int, use_gpu: bool | None = None
     indices = np.concatenate([np.arange(n, dtype=np.int64)[:, None], neighbors], axis=1)
     distances = np.concatenate([np.zeros((n, 1), np.float32), np.sqrt(np.maximum(distances, 0))], axis=1)
     return indices, distances
+
+
+def build_search_index(features: np.ndarray, params: IndexParams | None = None) -> tuple[faiss.Index, dict]:
+    """The index the kNN graph searched (same type, same parameters: ``resolve_index``), over
+    ``features``, on the CPU so that it can be saved; returns it with its spec."""
+    params = params or IndexParams()
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    spec = resolve_index(params, len(x), len(x), x.shape[1])
+    return build_index(x, {**spec, "seed": params.seed}, on_gpu=False), spec
+
+
+def save_search_index(path, index: faiss.Index) -> None:
+    """FAISS's own serialisation, written atomically (temp file, fsync, rename)."""
+    data = faiss.serialize_index(index)
+    atomic_write_bytes(path, lambda f: f.write(data.tobytes()))
+
+
+def load_search_index(path) -> faiss.Index:
+    try:
+        return faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+    except (OSError, RuntimeError) as exc:
+        raise GraphError(f"cannot read the FAISS index {path}: {exc}") from exc

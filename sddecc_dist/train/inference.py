@@ -58,13 +58,14 @@ def rows_of(adjacency: sp.csr_matrix, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
-                      accelerator: Accelerator) -> torch.Tensor:
+                      accelerator: Accelerator, layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Y for this rank's share of the full graph, one GCN layer at a time.
 
     Per layer, each rank computes the row-wise part [(1-δ)H + δZ] W for its own nodes in
     chunks (re-running the encoder on the chunk for Z), the rows are gathered into one
     (N, width) matrix, and each rank multiplies its rows of Â with it. Returns Y for the
-    share's rows, in `share.ids` order."""
+    share's rows, in `share.ids` order. `layer_inputs`, when given, receives each layer's
+    gathered (N, width) rows on the CPU: what a new node's neighbours pass to it (predict.py)."""
     was_training = core.training
     core.eval()
     device = accelerator.device
@@ -85,7 +86,10 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
             h_chunk = h[offset:offset + len(chunk_ids)] if h is not None else None
             parts.append(gcn.layer_input(layer, core.gcn_input(x), h_chunk, z).float())
             offset += len(chunk_ids)
-        h = propagate(own_rows, gather_rows(accelerator, share.ids, torch.cat(parts), n))
+        rows = gather_rows(accelerator, share.ids, torch.cat(parts), n)
+        if layer_inputs is not None:
+            layer_inputs.append(rows.cpu())
+        h = propagate(own_rows, rows)
         if layer < gcn.n_layers - 1:
             h = torch.relu(h)
     core.train(was_training)
@@ -97,6 +101,18 @@ def assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None,
     """argmax_j Y_ij of every node (Eq. 20), each rank predicting its share, on every rank."""
     y = predict_layerwise(core, share, adjacency, n, accelerator)
     return gather_rows(accelerator, share.ids, y.argmax(1).to(accelerator.device), n).cpu().numpy()
+
+
+def final_assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
+                      accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor] | None]:
+    """(argmax_j Y_ij, max_j Y_ij, each GCN layer's input rows) of every node: the run's
+    assignments and their confidence on every rank, and on the main process what `predict`
+    needs of the training graph (None elsewhere, and without a GCN)."""
+    layer_inputs = [] if core.use_gcn and accelerator.is_main_process else None
+    y = predict_layerwise(core, share, adjacency, n, accelerator, layer_inputs)
+    confidence, labels = y.max(1)
+    gathered = gather_rows(accelerator, share.ids, torch.stack([labels.float(), confidence], 1).to(accelerator.device), n)
+    return gathered[:, 0].long().cpu().numpy(), gathered[:, 1].cpu().numpy(), layer_inputs
 
 
 def gather_labels(share: NodeShare, n: int, accelerator: Accelerator) -> np.ndarray | None:

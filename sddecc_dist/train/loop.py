@@ -53,6 +53,7 @@ from sddecc_dist.train.distributed import (
     sync_master_weights,
 )
 from sddecc_dist.train.inference import NodeShare
+from sddecc_dist.train.predict import save_predict_state
 from sddecc_dist.train.samplers import JointSampler, PretrainBatches, build_joint_sampler, check_graph_k
 from sddecc_dist.utils import peak_memory_mib
 
@@ -449,8 +450,10 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
             manifest: dict) -> dict:
     """The final assignments (the last epoch's model, no label-based selection), metrics, the
     final checkpoint and model file."""
+    confidence = layer_inputs = None
     if joint_epochs > 0:
-        assignments = inference.assignments(t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator)
+        assignments, confidence, layer_inputs = inference.final_assignments(t.core, t.share, t.sampler.adjacency_sp,
+                                                                            t.n, t.accelerator)
     elif t.state.start_self_labelled:  # no joint phase after the stage: its partition is the result
         assignments = t.run.read_self_label_assignments()
     else:  # ConvAE + k-means: the start's partition is the result
@@ -492,6 +495,14 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
     if t.accelerator.is_main_process:
         t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
         t.run.write_assignments(assignments)
+        if confidence is not None:  # key, cluster, confidence; and what `sddecc predict` needs
+            t.run.write_assignments_csv([f"{i:09d}" for i in range(t.n)], assignments, confidence)
+            if layer_inputs is not None:
+                images = t.sampler.images_in_memory
+                images = load_all(t.config.data_dir, manifest)[0] if images is None else images
+                cut_along = start if t.config.train.joint_graph == "within_start" else None
+                save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp, cut_along,
+                                   assignments, confidence)
         t.run.write_metrics(result)
     log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")

@@ -38,7 +38,7 @@ from sddecc_dist.pipeline import (
 )
 from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.loop import train
-from sddecc_dist.train.predict import predict
+from sddecc_dist.train.predict import predict, read_predicted_clusters
 from sddecc_dist.utils import console
 
 
@@ -122,14 +122,19 @@ def _predict(args) -> None:
 
 
 def _evaluate(args) -> None:
-    """Score a run's assignments file against the labels in a prepared data folder."""
-    run = RunFolder(args.run_dir)
-    assignments = run.read_assignments()
+    """Score a run's assignments, or a `predict` table (its `cluster` column, row i for sample
+    i), against the labels in a prepared data folder."""
+    source = Path(args.run_dir)
+    if source.is_file():
+        assignments, where = read_predicted_clusters(source), source
+    else:
+        run = RunFolder(source)
+        assignments, where = run.read_assignments(), run.assignments_path
     _, labels = load_all(args.data_dir)
     if labels is None:
         raise ConfigError(f"{args.data_dir} has no labels to score against")
     if len(labels) != len(assignments):
-        raise ConfigError(f"{run.assignments_path} has {len(assignments)} assignments but {args.data_dir} has "
+        raise ConfigError(f"{where} has {len(assignments)} assignments but {args.data_dir} has "
                           f"{len(labels)} samples")
     scores = clustering_scores(labels.numpy(), assignments)
     print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))  # the result: stdout
@@ -211,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                               "gets its own node's result): measures the approximation (docs/predict.md)")
     predict.set_defaults(func=_predict)
 
-    evaluate = commands.add_parser("evaluate", help="score a run's assignments against labels")
-    evaluate.add_argument("run_dir")
+    evaluate = commands.add_parser("evaluate", help="score a run's assignments (or a predict table) against labels")
+    evaluate.add_argument("run_dir", help="a run folder, or a CSV / Parquet file that `sddecc predict` wrote")
     evaluate.add_argument("--data-dir", required=True)
     evaluate.set_defaults(func=_evaluate)
 

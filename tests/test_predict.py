@@ -107,6 +107,11 @@ def test_image_folder_keys_shapes_and_the_command_line(run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [row["key"] for row in _table(out)] == [f"a/{i}.png" for i in range(4)]
     assert "4 images into" in done.stderr
+    # the table scores like the run folder it came from
+    predict(folder.path, data, tmp_path / "all.csv")
+    scored = [subprocess.run([sys.executable, "-m", "sddecc_dist.cli", "evaluate", str(source), "--data-dir", str(data)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300) for source in (tmp_path / "all.csv", folder.path)]
+    assert scored[0].returncode == 0 and scored[0].stdout == scored[1].stdout and scored[0].stdout.startswith("acc ")
     with pytest.raises(DataError, match=r"images of shape \(1, 16, 16\).*trained on \(1, 8, 8\).*--size"):
         predict(folder.path, pictures, tmp_path / "x.csv", size=16)
 

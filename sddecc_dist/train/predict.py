@@ -16,6 +16,7 @@ itself out). docs/predict.md says what this approximation gives.
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -183,3 +184,16 @@ def _write_table(out: Path, keys: list[str], clusters: np.ndarray, confidence: n
         columns.update({f"code_{i}": codes[:, i] for i in range(codes.shape[1])})
     table = pa.table(columns)
     atomic_write_bytes(out, lambda f: pq.write_table(table, f))
+
+
+def read_predicted_clusters(path: str | Path) -> np.ndarray:
+    """The `cluster` column of a table `predict` wrote (CSV, or Parquet with pyarrow)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+            return np.asarray(pq.read_table(path, columns=["cluster"]).column("cluster").to_numpy(), dtype=np.int64)
+        with open(path, newline="") as f:
+            return np.array([int(row["cluster"]) for row in csv.DictReader(f)], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataError(f"{path} is not a table of `sddecc predict` (no integer 'cluster' column): {error}") from error

@@ -131,7 +131,7 @@ def _writing(stage: str, folder: Path):
     build and the saves).
     Training: it took the run folder's lock (validation done; its first write)."""
     def prepare(pid, started):
-        return folder.exists() and any(p.stat().st_mtime >= started for p in folder.iterdir())
+        return folder.exists() and any(_modified_since(p, started) for p in folder.iterdir())
 
     def train(pid, started):
         try:
@@ -140,6 +140,15 @@ def _writing(stage: str, folder: Path):
             return False
     return {"prepare": prepare, "graph": lambda pid, started: True, "partition": lambda pid, started: True,
             "train": train}[stage]
+
+
+def _modified_since(path: Path, started: float) -> bool:
+    """Whether `path` was written at or after `started`; False for a file the running stage
+    renamed or removed between the listing and this look (its temporaries)."""
+    try:
+        return path.stat().st_mtime >= started
+    except FileNotFoundError:
+        return False
 
 
 # each stage's last artifact

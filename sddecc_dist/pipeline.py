@@ -96,6 +96,12 @@ def graph_view(config: Config, manifest: dict) -> str:
     return resolve_input_view(config.model.input_view, manifest["image_shape"][0])
 
 
+def graph_features(images: torch.Tensor, view: str) -> np.ndarray:
+    """What the kNN graph compares of images (N, C, H, W) in [0, 1]: the pixels or their `view`,
+    flat, float32 (the graph stage's features, and `predict`'s queries against its index)."""
+    return transformed(images.flatten(1).numpy(), tuple(images.shape[1:]), view_transform(view))
+
+
 def view_transform(view: str) -> FeatureTransform | None:
     """What the graph compares of an image batch: None for the pixels, else the networks' view
     of them (model.ImageView), flattened."""
@@ -170,8 +176,7 @@ def ensure_graph(
         return adjacency if adjacency is not None else _check_artifact(path, data_dir, manifest, k, view, fingerprint)
     if images is None:
         images, _ = load_all(data_dir, manifest)
-    features = transformed(images.flatten(1).numpy(), tuple(images.shape[1:]), transform)
-    adjacency, neighbors, meta = build_graph(features, k, use_gpu=use_gpu, params=params)
+    adjacency, neighbors, meta = build_graph(graph_features(images, view), k, use_gpu=use_gpu, params=params)
     _save(path, adjacency, neighbors, meta, view, fingerprint)
     return adjacency
 

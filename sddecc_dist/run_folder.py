@@ -284,10 +284,13 @@ class RunFolder:
     def read_metrics_log(self) -> list[dict]:
         """The lines of metrics.jsonl ([] when there is none). A last line without its newline
         is one a killed run was writing: it is left out, never parsed as a record."""
+        return self._metrics_log()[0]
+
+    def _metrics_log(self) -> tuple[list[dict], bool]:
+        """(the records of metrics.jsonl, whether a torn last line follows them)."""
         if not self.metrics_log_path.is_file():
-            return []
-        text = self.metrics_log_path.read_text()
-        lines = text.split("\n")[:-1]  # the part after the last newline is torn or empty
+            return [], False
+        *lines, tail = self.metrics_log_path.read_text().split("\n")  # `tail`: torn, or empty
         records = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -300,17 +303,14 @@ class RunFolder:
             if not isinstance(record, dict):
                 raise RunFolderError(f"run {self.path}: {self.METRICS_LOG} line {number} is not a JSON object")
             records.append(record)
-        return records
+        return records, bool(tail)
 
     def keep_metrics_log(self, keep) -> int:
         """Rewrite metrics.jsonl (atomically) with the records for which `keep(record)` holds and
         without a torn last line: a resumed run drops what its interrupted run logged after the
         checkpoint it continues from, so that no epoch is logged twice. Returns how many
         records (or torn lines) were dropped."""
-        if not self.metrics_log_path.is_file():
-            return 0
-        torn = bool(self.metrics_log_path.read_text().rsplit("\n", 1)[-1])  # text after the last newline
-        records = self.read_metrics_log()
+        records, torn = self._metrics_log()
         kept = [record for record in records if keep(record)]
         if len(kept) < len(records) or torn:
             atomic_write_text(self.metrics_log_path, "".join(json.dumps(record) + "\n" for record in kept))

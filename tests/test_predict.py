@@ -15,9 +15,9 @@ from PIL import Image
 
 from sddecc_dist.data import DataError, load_all
 from sddecc_dist.graph import load_search_index, to_scipy_csr
-from sddecc_dist.pipeline import ensure_graph
+from sddecc_dist.pipeline import ensure_graph, graph_features
 from sddecc_dist.run_folder import RunFolder, load_model
-from sddecc_dist.train.predict import graph_features, predict, predict_images
+from sddecc_dist.train.predict import predict, predict_images
 
 from conftest import short_digits_run
 

@@ -50,7 +50,7 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
     for number, first in enumerate(range(0, len(images), samples_per_shard)):
         stop = min(first + samples_per_shard, len(images))
         filename = f"shard-{number:06d}.tar"
-        samples = ({"__key__": f"{index:09d}", "x.npy": np.ascontiguousarray(images[index]),
+        samples = ({"__key__": sample_key(index), "x.npy": np.ascontiguousarray(images[index]),
                     **({"cls": int(labels[index])} if labels is not None else {})} for index in range(first, stop))
         digest = write_tar(out / filename, samples)
         shards.append({"file": filename, "count": stop - first, "first_index": first, "sha256": digest})
@@ -69,6 +69,11 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
     # Last, once every shard is complete on disk: a folder without its manifest is no dataset.
     atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
+
+
+def sample_key(index: int) -> str:
+    """A sample's webdataset key in the shards: its global index, zero-padded."""
+    return f"{index:09d}"
 
 
 def write_tar(path: Path, samples: Iterable[dict]) -> str:

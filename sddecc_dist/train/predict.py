@@ -25,18 +25,13 @@ import scipy.sparse as sp
 import torch
 
 from sddecc_dist.config import Config
-from sddecc_dist.data import DataError, load_all, load_source
-from sddecc_dist.graph import build_search_index, load_search_index, save_search_index, transformed
-from sddecc_dist.pipeline import graph_view, view_transform
+from sddecc_dist.data import DataError, load_all, load_source, sample_key
+from sddecc_dist.graph import build_search_index, load_search_index, save_search_index
+from sddecc_dist.pipeline import graph_features, graph_view
 from sddecc_dist.run_folder import RunFolder, RunFolderError, TrainedModel, assignments_csv, load_model
 from sddecc_dist.utils import atomic_torch_save, atomic_write_bytes
 
 GRAPH_ROWS_FORMAT = 1
-
-
-def graph_features(images: torch.Tensor, view: str) -> np.ndarray:
-    """What the kNN graph compares of images (N, C, H, W) in [0, 1]: the pixels or their view."""
-    return transformed(images.flatten(1).numpy(), tuple(images.shape[1:]), view_transform(view))
 
 
 def save_predict_state(run: RunFolder, config: Config, manifest: dict, images: torch.Tensor,
@@ -64,12 +59,12 @@ def read_images(source: str | Path, image_shape: tuple, size: int | None = None)
     path = Path(source)
     if (path / "dataset.json").is_file():
         images, _ = load_all(path)
-        keys = [f"{i:09d}" for i in range(len(images))]
+        keys = [sample_key(i) for i in range(len(images))]
     else:
         raw = load_source(source, size=size)
         lo, hi = raw.value_range
         images = torch.from_numpy((raw.images.astype(np.float32) - lo) / (hi - lo))
-        keys = raw.keys or [f"{i:09d}" for i in range(len(images))]
+        keys = raw.keys or [sample_key(i) for i in range(len(images))]
     if tuple(images.shape[1:]) != tuple(image_shape):
         hint = " (an image folder takes --size)" if not (path / "dataset.json").is_file() else ""
         raise DataError(f"{source}: images of shape {tuple(images.shape[1:])} (C, H, W), but the run was trained on "

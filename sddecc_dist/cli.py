@@ -1,4 +1,4 @@
-"""`sddecc` command line: prepare, graph, partition, train, evaluate, and the reproduction
+"""`sddecc` command line: prepare, graph, partition, train, predict, evaluate, show, and the reproduction
 mode: reproduce, report, baseline, plot."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sddecc_dist.config import (
 from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.eval.baselines import kmeans_on_pixels
 from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.eval.page import write_page
 from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
 from sddecc_dist.paper.report import report
 from sddecc_dist.paper.reproduce import TARGETS, reproduce
@@ -140,6 +141,14 @@ def _evaluate(args) -> None:
     print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))  # the result: stdout
 
 
+def _show(args) -> None:
+    page = write_page(args.run_dir, data_dir=args.data_dir, per_cluster=args.per_cluster,
+                      map_samples=args.map_samples, seed=args.seed)
+    console.log(f"wrote {page}")
+    if args.open:
+        print(page.resolve().as_uri())  # the result: stdout, for a browser or a script
+
+
 def _reproduce(args) -> None:
     reproduce(args.target, args.dataset, list(range(args.first_seed, args.first_seed + args.seeds)),
               runs_dir=args.runs_dir, configs_dir=args.configs_dir, overrides=args.overrides,
@@ -220,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("run_dir", help="a run folder, or a CSV / Parquet file that `sddecc predict` wrote")
     evaluate.add_argument("--data-dir", required=True)
     evaluate.set_defaults(func=_evaluate)
+
+    show = commands.add_parser("show", help="a static HTML page of a finished run: RUN_DIR/report/index.html")
+    show.add_argument("run_dir", help="a finished run folder")
+    show.add_argument("--data-dir", help="the run's data folder, when it has moved (default: the run config's)")
+    show.add_argument("--per-cluster", type=int, default=16,
+                      help="images of each cluster's most, and of its least, confident members")
+    show.add_argument("--map-samples", type=int, default=10_000, help="samples in the 2-D map of the codes")
+    show.add_argument("--seed", type=int, default=0, help="draws the map's samples")
+    show.add_argument("--open", action="store_true", help="print the page's file:// URL")
+    show.set_defaults(func=_show)
 
     reproduce = commands.add_parser(
         "reproduce", help="run (or resume) the runs of one of the paper's tables or figures and write it")

@@ -6,6 +6,24 @@ import numpy as np
 import pytest
 
 
+# The README's quickstart: the default recipe, unchanged, on scikit-learn's digits.
+QUICKSTART = ["configs/default.yaml", "data.source=digits"]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's quickstart in a temporary folder (about a minute): its result, and the folder
+    holding data/ and run/. Shared by the tests that check the run and those that read it."""
+    from sddecc_dist.config import load_config
+    from sddecc_dist.train.loop import train
+
+    tmp = tmp_path_factory.mktemp("quickstart")
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / QUICKSTART[0],
+                         [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
+    return train(config), tmp
+
+
 @pytest.fixture(scope="session")
 def coloured_digits_npz(tmp_path_factory) -> Path:
     """scikit-learn's digits (real data), each drawn in a random ink colour on a random paper

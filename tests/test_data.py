@@ -24,6 +24,7 @@ from sddecc_dist.data import (
     load_all,
     load_source,
     read_manifest,
+    sample_keys,
     shard_urls,
     stream_batches,
     verify_shards,
@@ -388,3 +389,25 @@ def test_unknown_names_and_splits() -> None:
         load_source("digits", split="train")
     with pytest.raises(DataError, match="unknown split"):
         load_source("usps", split="valid")
+
+
+def test_an_image_folder_keeps_its_file_paths_as_keys(tmp_path: Path) -> None:
+    _png(tmp_path / "pictures" / "zebra" / "b.png", (6, 4), "L", 10)
+    _png(tmp_path / "pictures" / "ant" / "c d.png", (6, 4), "L", 50)
+    _png(tmp_path / "pictures" / "zebra" / "a.png", (6, 4), "L", 30)
+    out = tmp_path / "prepared"
+    manifest = write_shards(load_source(str(tmp_path / "pictures")), out, samples_per_shard=2)
+    keys = sample_keys(out)
+    assert keys == ["ant/c d.png", "zebra/a.png", "zebra/b.png"]  # sample i's file, in index order
+    images, _ = load_all(out)
+    assert images[0, 0, 0, 0].item() == pytest.approx(50 / 255) and images[1, 0, 0, 0].item() == pytest.approx(30 / 255)
+    # a keys file cut short is named, not read wrong
+    (out / "keys.txt").write_text("ant/c d.png\nzebra/a.png\n")
+    with pytest.raises(DataError, match=r"keys\.txt holds 2 lines but .*dataset\.json counts 3 samples"):
+        sample_keys(out, manifest)
+    # the same folder prepared again from a set without keys: the shards' own keys, no stale file
+    write_shards(RawDataset("plain", np.zeros((2, 1, 4, 6), np.uint8), None, (0.0, 255.0), None), out)
+    assert not (out / "keys.txt").exists() and sample_keys(out) == ["000000000", "000000001"]
+    broken = RawDataset("broken", np.zeros((1, 1, 2, 2), np.uint8), None, (0.0, 255.0), None, keys=["a\nb.png"])
+    with pytest.raises(DataError, match="line break"):
+        write_shards(broken, tmp_path / "broken")

@@ -13,10 +13,12 @@ import scipy.sparse as sp
 import torch
 from PIL import Image
 
+from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, load_all
 from sddecc_dist.graph import load_search_index, to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph, graph_features
 from sddecc_dist.run_folder import RunFolder, load_model
+from sddecc_dist.train.loop import train
 from sddecc_dist.train.predict import predict, predict_images
 
 from conftest import short_digits_run
@@ -126,3 +128,25 @@ def test_parquet_output_holds_the_same_table(run, tmp_path):
     assert table["key"] == [row["key"] for row in rows]
     assert table["cluster"] == [int(row["cluster"]) for row in rows]
     np.testing.assert_allclose(table["confidence"], [float(row["confidence"]) for row in rows], atol=1e-6)
+
+
+def test_a_run_on_an_image_folder_keys_its_assignments_by_file_path(tmp_path):
+    """Images prepared from a folder keep their file paths (data/keys.txt), and the run's
+    assignments.csv and a prediction of the prepared folder name each row by its file."""
+    from sklearn.datasets import load_digits
+
+    pictures = tmp_path / "pictures"
+    digits = load_digits()
+    paths = []
+    for i in range(120):
+        path = pictures / f"class-{digits.target[i]}" / f"scan {i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+        paths.append(path.relative_to(pictures).as_posix())
+    train(load_config(ROOT / "configs/digits.yaml", [
+        f"data.source={pictures}", f"data_dir={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}",
+        "train.pretrain_epochs=1", "train.head_warmup_epochs=1", "train.joint_epochs=2", "train.kmeans_n_init=1"]))
+    rows = _table(tmp_path / "run" / "assignments.csv")
+    assert [row["key"] for row in rows] == sorted(paths)  # sample i is the i-th file in sorted order
+    predict(tmp_path / "run", tmp_path / "data", tmp_path / "again.csv")
+    assert [row["key"] for row in _table(tmp_path / "again.csv")] == sorted(paths)

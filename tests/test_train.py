@@ -12,23 +12,12 @@ from sddecc_dist.config import ConfigError, load_config
 from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.loop import train
 
+from conftest import QUICKSTART
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The README's quickstart: the default recipe, unchanged, on scikit-learn's digits.
-QUICKSTART = ["configs/default.yaml", "data.source=digits"]
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """The README's quickstart, in a temporary folder."""
-    tmp = tmp_path_factory.mktemp("digits")
-    config = load_config(ROOT / QUICKSTART[0],
-                         [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
-    return train(config), tmp
-
-
-def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(digits_run, tmp_path):
+def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(quickstart_run, tmp_path):
     """The generality suite's digits row (tests/test_generality.py has the other two fast sets):
     no collapse, and ACC above raw-pixel k-means by a margin. Digits' ACC spreads widely over
     seeds: 0.8136 on seed 0 with the self-labelling stage, 0.8709, 0.8837 and 0.8258 on seeds 0
@@ -36,7 +25,7 @@ def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(digits_run, tmp_path
     0.01 here, where the other fast sets keep 0.03 (tests/test_generality.py)."""
     from sddecc_dist.eval.baselines import kmeans_on_pixels
 
-    result, tmp = digits_run
+    result, tmp = quickstart_run
     assert result["n_samples"] == 1797 and result["n_clusters"] == 10
     assert result["n_used_clusters"] == 10 and result["warnings"] == [], result
     assert result["health"]["size_max"] <= 3.0 / 10, result["health"]
@@ -45,8 +34,8 @@ def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(digits_run, tmp_path
     assert result["nmi"] >= 0.80, result
 
 
-def test_run_folder_holds_every_artifact(digits_run):
-    result, tmp = digits_run
+def test_run_folder_holds_every_artifact(quickstart_run):
+    result, tmp = quickstart_run
     run = tmp / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"acc", "nmi", "ari", "n_samples", "n_clusters", "seconds", "epoch"} <= metrics.keys()
@@ -74,10 +63,10 @@ def test_run_folder_holds_every_artifact(digits_run):
     assert (tmp / "data" / "dataset.json").exists() and (tmp / "data" / "graph-k3.pt").exists()
 
 
-def test_evaluate_command_rescores_the_assignments(digits_run, capsys):
+def test_evaluate_command_rescores_the_assignments(quickstart_run, capsys):
     from sddecc_dist.cli import main
 
-    result, tmp = digits_run
+    result, tmp = quickstart_run
     assert main(["evaluate", str(tmp / "run"), "--data-dir", str(tmp / "data")]) == 0
     assert f"acc {result['acc']:.4f}" in capsys.readouterr().out
 

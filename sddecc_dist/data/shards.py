@@ -25,6 +25,7 @@ from sddecc_dist.utils import atomic_write_bytes, atomic_write_text, remove_stal
 from .sources import DataError, RawDataset
 
 MANIFEST_NAME = "dataset.json"
+KEYS_NAME = "keys.txt"  # images prepared from a folder: each file's path inside it, line i for sample i
 FORMAT_VERSION = 1
 _MANIFEST_KEYS = ("format_version", "name", "count", "image_shape", "dtype", "value_range",
                   "n_classes", "class_names", "has_labels", "shards")
@@ -54,6 +55,7 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
                     **({"cls": int(labels[index])} if labels is not None else {})} for index in range(first, stop))
         digest = write_tar(out / filename, samples)
         shards.append({"file": filename, "count": stop - first, "first_index": first, "sha256": digest})
+    _write_keys(raw, out)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": raw.name,
@@ -74,6 +76,40 @@ def write_shards(raw: RawDataset, out_dir: str | Path, samples_per_shard: int = 
 def sample_key(index: int) -> str:
     """A sample's webdataset key in the shards: its global index, zero-padded."""
     return f"{index:09d}"
+
+
+def sample_keys(data_dir: str | Path, manifest: dict | None = None) -> list[str]:
+    """Every sample's key, item i for sample i, as a person knows it: for images prepared from
+    a folder, each file's path inside it (KEYS_NAME, written by `write_shards`); else the
+    shards' own keys (`sample_key`)."""
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    path = Path(data_dir) / KEYS_NAME
+    if not path.is_file():
+        return [sample_key(i) for i in range(manifest["count"])]
+    try:
+        keys = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read as UTF-8 text ({e}): prepare the folder again") from e
+    if keys[-1] != "" or len(keys) - 1 != manifest["count"]:
+        raise DataError(f"{path} holds {len(keys) - 1} lines but {Path(data_dir) / MANIFEST_NAME} counts "
+                        f"{manifest['count']} samples (cut short, or from other images): prepare the folder again")
+    return keys[:-1]
+
+
+def _write_keys(raw: RawDataset, out: Path) -> None:
+    """KEYS_NAME: the raw set's keys (an image folder's file paths), one a line; removed when
+    the set has none, so that a folder prepared again from other images holds no stale keys."""
+    path = out / KEYS_NAME
+    if raw.keys is None:
+        path.unlink(missing_ok=True)
+        return
+    if len(raw.keys) != len(raw.images):
+        raise DataError(f"{raw.name}: {len(raw.images)} images but {len(raw.keys)} keys")
+    broken = next((key for key in raw.keys if "\n" in key or "\r" in key), None)
+    if broken is not None:
+        raise DataError(f"{raw.name}: the file name {broken!r} holds a line break, which {KEYS_NAME} cannot hold: "
+                        f"rename the file")
+    atomic_write_text(path, "".join(f"{key}\n" for key in raw.keys))
 
 
 def write_tar(path: Path, samples: Iterable[dict]) -> str:

@@ -32,7 +32,7 @@ from accelerate.utils import broadcast, broadcast_object_list, gather_object, se
 from rich.progress import Progress
 
 from sddecc_dist.config import Config, ConfigError, method_name
-from sddecc_dist.data import load_all, read_manifest, sample_key
+from sddecc_dist.data import load_all, read_manifest, sample_keys
 from sddecc_dist.eval.health import cluster_health, degenerate_warnings, silhouette_ids
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.model.initial_partition import keep_start_clusters
@@ -496,7 +496,7 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
         t.run.write_assignments(assignments)
         if confidence is not None:  # key, cluster, confidence; and what `sddecc predict` needs
-            t.run.write_assignments_csv([sample_key(i) for i in range(t.n)], assignments, confidence)
+            t.run.write_assignments_csv(sample_keys(t.config.data_dir, manifest), assignments, confidence)
             if layer_inputs is not None:
                 images = t.sampler.images_in_memory
                 images = load_all(t.config.data_dir, manifest)[0] if images is None else images

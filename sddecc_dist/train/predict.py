@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from sddecc_dist.config import Config
-from sddecc_dist.data import DataError, load_all, load_source, sample_key
+from sddecc_dist.data import DataError, load_all, load_source, sample_key, sample_keys
 from sddecc_dist.graph import build_search_index, load_search_index, save_search_index
 from sddecc_dist.pipeline import graph_features, graph_view
 from sddecc_dist.run_folder import RunFolder, RunFolderError, TrainedModel, assignments_csv, load_model
@@ -59,7 +59,7 @@ def read_images(source: str | Path, image_shape: tuple, size: int | None = None)
     path = Path(source)
     if (path / "dataset.json").is_file():
         images, _ = load_all(path)
-        keys = [sample_key(i) for i in range(len(images))]
+        keys = sample_keys(path)
     else:
         raw = load_source(source, size=size)
         lo, hi = raw.value_range

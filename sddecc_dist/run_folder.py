@@ -6,7 +6,7 @@
       initial_assignments.txt    the start: the partition the centres μ_y come from
       self_label_assignments.txt the self-labelling stage's partition, which replaces the start
       assignments.txt            the final cluster of every sample, line i for sample i
-      assignments.csv            the same with each sample's key and confidence (max_j Y_ij)
+      assignments.csv            the same with each sample's key and confidence (max_j Y_ij; empty without a posterior)
       metrics.json               final scores and facts of the run (written last: a finished run)
       checkpoints/
         ckpt-P-EEEEE-SSSSSSS/    resumable trainer state: phase P, epoch, step (train/checkpoint.py):
@@ -212,7 +212,7 @@ class RunFolder:
     def write_assignments(self, assignments: np.ndarray) -> None:
         atomic_write_text(self.assignments_path, _lines(assignments))
 
-    def write_assignments_csv(self, keys: list[str], assignments: np.ndarray, confidence: np.ndarray) -> None:
+    def write_assignments_csv(self, keys: list[str], assignments: np.ndarray, confidence: np.ndarray | None) -> None:
         atomic_write_text(self.path / self.ASSIGNMENTS_CSV, assignments_csv(keys, assignments, confidence))
 
     def write_initial_assignments(self, assignments: np.ndarray) -> None:
@@ -423,15 +423,16 @@ class RunLock:
         return not process_exists(pid)
 
 
-def assignments_csv(keys: list[str], assignments: np.ndarray, confidence: np.ndarray,
+def assignments_csv(keys: list[str], assignments: np.ndarray, confidence: np.ndarray | None,
                     codes: np.ndarray | None = None) -> str:
-    """CSV text: key, cluster, confidence (and code_0, code_1, ... with `codes`), one row per sample."""
+    """CSV text: key, cluster, confidence (and code_0, code_1, ... with `codes`), one row per
+    sample; the confidence is left empty when `confidence` is None (a run with no posterior)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["key", "cluster", "confidence"] + ([f"code_{i}" for i in range(codes.shape[1])]
                                                          if codes is not None else []))
     for i, key in enumerate(keys):
-        row = [key, int(assignments[i]), f"{float(confidence[i]):.6f}"]
+        row = [key, int(assignments[i]), f"{float(confidence[i]):.6f}" if confidence is not None else ""]
         writer.writerow(row + ([f"{v:.6g}" for v in codes[i]] if codes is not None else []))
     return buffer.getvalue()
 

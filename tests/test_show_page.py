@@ -77,12 +77,20 @@ def test_the_browser_check_catches_a_broken_image_and_a_console_error(browser, t
 def test_a_run_without_confidences_shows_a_sample_of_each_cluster(quickstart_run, browser, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(quickstart_run[1] / "run", run)
-    (run / "assignments.csv").unlink()  # a run without a joint phase has assignments.txt only
+    lines = (run / "assignments.csv").read_text().splitlines()  # a Ward or k-means start: no posterior
+    (run / "assignments.csv").write_text("\n".join([lines[0]] + [line.rsplit(",", 1)[0] + "," for line in lines[1:]])
+                                         + "\n")
     load = load_page(write_page(run, data_dir=quickstart_run[1] / "data", per_cluster=4, map_samples=300).as_uri(),
                      browser)
     assert sorted(image["src"] for image in load.images) == _figures(run)
     assert all(image["naturalWidth"] > 0 for image in load.images) and load.errors == []
     assert "a random sample of each cluster's members" in (run / "report" / "index.html").read_text()
+    # some rows with a confidence and some without: named, not guessed
+    lines = (run / "assignments.csv").read_text().splitlines()
+    lines[1] += "0.5"
+    (run / "assignments.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunFolderError, match="line 3 has no confidence but others have one"):
+        read_assignments_with_confidence(RunFolder(run))
 
 
 def test_show_prints_the_file_url_and_refuses_an_unfinished_run(quickstart_run, tmp_path, capsys):

@@ -202,6 +202,10 @@ def test_ward_start_gives_the_centres_and_q_y_of_its_partition(tmp_path):
     result = train(config)
     initial = np.loadtxt(run / "initial_assignments.txt", dtype=int)
     assert (initial == np.loadtxt(run / "assignments.txt", dtype=int)).all()
+    # assignments.csv too, its confidence empty: a Ward start has no posterior
+    rows = (run / "assignments.csv").read_text().splitlines()
+    assert rows[0] == "key,cluster,confidence" and len(rows) == 1 + len(initial)
+    assert [row.split(",") for row in rows[1:3]] == [["000000000", str(initial[0]), ""], ["000000001", str(initial[1]), ""]]
     assert len(np.unique(initial)) == 10 and result["n_used_clusters"] == 10
 
     manifest = read_manifest(data_dir)
@@ -265,6 +269,11 @@ def test_self_labelling_replaces_the_start_and_a_stopped_stage_repeats_exactly(t
         encoded = model.encode(images)
     # the classifier's partition, with any cluster it emptied given back its start members
     assert (keep_start_clusters(encoded.logits.argmax(1).numpy(), start) == labels).all()
+    # and assignments.csv's confidence: the classifier's probability of each sample's cluster
+    table = np.genfromtxt(run / "assignments.csv", delimiter=",", skip_header=1)
+    probabilities = torch.softmax(encoded.logits, dim=1).numpy()
+    assert (table[:, 1] == labels).all()
+    np.testing.assert_allclose(table[:, 2], probabilities[np.arange(len(labels)), labels], atol=2e-6)
     codes = encoded.mean.numpy()
     means = np.stack([codes[labels == c].mean(0) for c in range(10)])
     np.testing.assert_allclose(model.centers.detach().numpy(), means, atol=1e-4)

@@ -89,8 +89,10 @@ def write_page(run_dir: str | Path, data_dir: str | Path | None = None, per_clus
 
 
 def read_assignments_with_confidence(run: RunFolder) -> tuple[np.ndarray, np.ndarray | None]:
-    """The run's final clusters and each sample's confidence (max_j Y_ij) from assignments.csv;
-    a run without one (no joint phase: no Y) gives its assignments.txt and no confidence."""
+    """The run's final clusters and each sample's confidence (max_j Y_ij, or the self-labelling
+    classifier's) from assignments.csv. A run with no posterior (a k-means or Ward start and no
+    joint phase) has an empty confidence column, and a run older than assignments.csv only
+    assignments.txt: both give no confidence."""
     path = run.path / RunFolder.ASSIGNMENTS_CSV
     if not path.exists():
         return run.read_assignments(), None
@@ -102,11 +104,17 @@ def read_assignments_with_confidence(run: RunFolder) -> tuple[np.ndarray, np.nda
         for row_number, row in enumerate(reader, start=2):
             try:
                 clusters.append(int(row["cluster"]))
-                confidence.append(float(row["confidence"]))
+                confidence.append(float(row["confidence"]) if row["confidence"] != "" else math.nan)
             except (TypeError, ValueError) as e:
                 raise RunFolderError(f"{path}, line {row_number}: {row} is not a cluster and a confidence "
                                      f"({e})") from e
-    return np.asarray(clusters, dtype=np.int64), np.asarray(confidence, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if np.isnan(confidence).all():
+        return np.asarray(clusters, dtype=np.int64), None
+    if np.isnan(confidence).any():
+        raise RunFolderError(f"{path}: line {int(np.flatnonzero(np.isnan(confidence))[0]) + 2} has no confidence "
+                             f"but others have one")
+    return np.asarray(clusters, dtype=np.int64), confidence
 
 
 def contact_sheet(top: list[torch.Tensor], bottom: list[torch.Tensor]) -> Image.Image | None:
@@ -383,7 +391,8 @@ def _html(run: RunFolder, metrics: dict, manifest: dict, clusters: np.ndarray, c
     parts.append("<h2 id='clusters'>Clusters</h2><p class='sub'>"
                  + ("Each sheet: the cluster's most confident members (top rows) above its least confident "
                     "ones (bottom rows, least confident first)." if confidence is not None else
-                    "This run has no confidences (no joint phase): a random sample of each cluster's members.")
+                    "This run has no confidences (no posterior: a k-means or Ward start without a joint phase): "
+                    "a random sample of each cluster's members.")
                  + "</p><div class='grid'>")
     contingency = _contingency(labels, clusters, n_clusters) if labels is not None else None
     for c in range(n_clusters):

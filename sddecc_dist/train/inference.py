@@ -145,19 +145,21 @@ def mean_codes(core: SDDECC, share: NodeShare, n: int, accelerator: Accelerator,
 
 @torch.no_grad()
 def self_label_assignments(core: SDDECC, share: NodeShare, n: int,
-                           accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax of the self-labelling classifier's logits, the mean codes) of every node, on
-    every rank, each rank encoding its own share once."""
+                           accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(argmax of the self-labelling classifier's logits, the mean codes, the logits' softmax)
+    of every node, on every rank, each rank encoding its own share once."""
     was_training = core.training
     core.eval()
-    labels, codes = [], []
+    labels, codes, probabilities = [], [], []
     for _, x, _ in share.chunks():
         encoded = core.encode(x.to(accelerator.device))
         labels.append(encoded.logits.argmax(1))
         codes.append(encoded.mean.float())
+        probabilities.append(torch.softmax(encoded.logits.float(), dim=1))
     core.train(was_training)
     return (gather_rows(accelerator, share.ids, torch.cat(labels), n).cpu().numpy(),
-            gather_rows(accelerator, share.ids, torch.cat(codes), n).cpu().numpy())
+            gather_rows(accelerator, share.ids, torch.cat(codes), n).cpu().numpy(),
+            gather_rows(accelerator, share.ids, torch.cat(probabilities), n).cpu().numpy())
 
 
 def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | None,

@@ -326,7 +326,7 @@ def _self_label(t: Training) -> None:
         rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
         log(f"self-label epoch {epoch + 1}/{epochs} {_format(means)} ({rate:.0f} samples/s)")
 
-    labels, codes = inference.self_label_assignments(t.core, t.share, t.n, t.accelerator)
+    labels, codes, _ = inference.self_label_assignments(t.core, t.share, t.n, t.accelerator)
     labels = keep_start_clusters(labels, start.cpu().numpy())
     counts = np.bincount(labels, minlength=t.n_clusters)
     with torch.no_grad():
@@ -456,7 +456,12 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
                                                                             t.n, t.accelerator)
     elif t.state.start_self_labelled:  # no joint phase after the stage: its partition is the result
         assignments = t.run.read_self_label_assignments()
-    else:  # ConvAE + k-means: the start's partition is the result
+        # the confidence: the stage's classifier's probability of each sample's cluster (the
+        # partition is its argmax, but for clusters it emptied, which got their start members back)
+        probabilities = inference.self_label_assignments(t.core, t.share, t.n, t.accelerator)[2]
+        confidence = probabilities[np.arange(t.n), assignments]
+    else:  # ConvAE + k-means: the start's partition is the result, and there is no posterior
+        # (a k-means or Ward start): assignments.csv's confidence column stays empty
         assignments, _ = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp,
                                                    t.n, t.config, t.n_clusters, t.accelerator)
     scores = t.score(assignments)
@@ -495,14 +500,13 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
     if t.accelerator.is_main_process:
         t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
         t.run.write_assignments(assignments)
-        if confidence is not None:  # key, cluster, confidence; and what `sddecc predict` needs
-            t.run.write_assignments_csv(sample_keys(t.config.data_dir, manifest), assignments, confidence)
-            if layer_inputs is not None:
-                images = t.sampler.images_in_memory
-                images = load_all(t.config.data_dir, manifest)[0] if images is None else images
-                cut_along = start if t.config.train.joint_graph == "within_start" else None
-                save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp, cut_along,
-                                   assignments, confidence)
+        t.run.write_assignments_csv(sample_keys(t.config.data_dir, manifest), assignments, confidence)
+        if layer_inputs is not None:  # what `sddecc predict` needs: a joint phase with the GCN
+            images = t.sampler.images_in_memory
+            images = load_all(t.config.data_dir, manifest)[0] if images is None else images
+            cut_along = start if t.config.train.joint_graph == "within_start" else None
+            save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp, cut_along,
+                               assignments, confidence)
         t.run.write_metrics(result)
     log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")

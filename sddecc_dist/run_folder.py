@@ -17,6 +17,8 @@
         graph_rows.pt            each GCN layer's input rows of every training node, their degrees
         knn.index                the FAISS index of the graph's features
       previous/TIME/             an earlier run of this folder, moved there whole by `--new-version`
+      report/                    `sddecc show`'s page: index.html and its PNGs (eval/page.py)
+      .inference-spool/          while the final inference runs: each layer's rows, per rank (train/inference.py)
       .lock                      while a training runs here: its host, pid and Slurm job (RunLock)
 
 A run folder is never overwritten: a fresh run into a folder that holds a run refuses, unless
@@ -82,11 +84,13 @@ class RunFolder:
     TRAINER_STATE = "trainer_state.json"
     PREVIOUS = "previous"
     PREDICT = "predict"
+    INFERENCE_SPOOL = ".inference-spool"
+    REPORT = "report"
     LOCK = ".lock"
     # What a run writes at the folder's top level (checkpoints.previous: older trainers set an
     # earlier run's checkpoints aside there). Anything else in the folder is not the run's.
     RUN_ENTRIES = (CONFIG, METRICS, METRICS_LOG, ASSIGNMENTS, ASSIGNMENTS_CSV, INITIAL_ASSIGNMENTS,
-                   SELF_LABEL_ASSIGNMENTS, CHECKPOINTS, PREDICT, "checkpoints.previous")
+                   SELF_LABEL_ASSIGNMENTS, CHECKPOINTS, PREDICT, INFERENCE_SPOOL, REPORT, "checkpoints.previous")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -134,6 +138,16 @@ class RunFolder:
     @property
     def predict_state_path(self) -> Path:
         return self.path / self.PREDICT / "graph_rows.pt"
+
+    @property
+    def report_dir(self) -> Path:
+        """`sddecc show`'s page and its figures (eval/page.py)."""
+        return self.path / self.REPORT
+
+    @property
+    def inference_spool(self) -> Path:
+        """Where the final inference keeps each layer's rows while it runs (removed after)."""
+        return self.path / self.INFERENCE_SPOOL
 
     @property
     def predict_index_path(self) -> Path:

@@ -11,9 +11,12 @@ and a full-page screenshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -62,32 +65,50 @@ class _DevTools:
 
 
 def load_page(url: str, browser: str, width: int = 1280, timeout: float = 60.0) -> PageLoad:
-    with tempfile.TemporaryDirectory() as profile:
-        process = subprocess.Popen(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
-             f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    process = subprocess.Popen(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
+         f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = _devtools_port(process, timeout)
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout))
+        page = next(t for t in targets if t.get("type") == "page")
+        tools = _DevTools(page["webSocketDebuggerUrl"])
+        for domain in ("Runtime", "Log", "Page"):
+            tools.call(f"{domain}.enable")
+        tools.call("Page.navigate", url=url)
+        tools.wait_for("Page.loadEventFired", timeout)
+        images = tools.call("Runtime.evaluate", returnByValue=True, expression=(
+            "Array.from(document.images).map(i => ({src: i.getAttribute('src'), complete: i.complete, "
+            "naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight}))"))["result"]["value"]
+        metrics = tools.call("Page.getLayoutMetrics")["cssContentSize"]
+        shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": metrics["width"], "height": metrics["height"],
+                                "scale": 1})
+        tools.socket.close()
+        return PageLoad(images, _errors(tools.events), base64.b64decode(shot["data"]))
+    finally:
+        _close(process, profile)
+
+
+def _close(process: subprocess.Popen, profile: str) -> None:
+    """Kill the browser with its helper processes (its process group), then remove its
+    profile, once they are gone: a helper still writing there makes a removal fail."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while True:
         try:
-            port = _devtools_port(process, timeout)
-            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout))
-            page = next(t for t in targets if t.get("type") == "page")
-            tools = _DevTools(page["webSocketDebuggerUrl"])
-            for domain in ("Runtime", "Log", "Page"):
-                tools.call(f"{domain}.enable")
-            tools.call("Page.navigate", url=url)
-            tools.wait_for("Page.loadEventFired", timeout)
-            images = tools.call("Runtime.evaluate", returnByValue=True, expression=(
-                "Array.from(document.images).map(i => ({src: i.getAttribute('src'), complete: i.complete, "
-                "naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight}))"))["result"]["value"]
-            metrics = tools.call("Page.getLayoutMetrics")["cssContentSize"]
-            shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                              clip={"x": 0, "y": 0, "width": metrics["width"], "height": metrics["height"],
-                                    "scale": 1})
-            tools.socket.close()
-            return PageLoad(images, _errors(tools.events), base64.b64decode(shot["data"]))
-        finally:
-            process.kill()
-            process.wait()
+            shutil.rmtree(profile)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _devtools_port(process: subprocess.Popen, timeout: float) -> int:

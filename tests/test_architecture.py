@@ -43,7 +43,7 @@ def test_a_function_local_upward_import_breaks_the_contracts(tmp_path):
 # What a run folder holds: these names may appear only in run_folder.py (docstrings aside).
 RUN_FOLDER_NAMES = re.compile(
     r"config\.yaml|metrics\.jsonl?|assignments\.txt|pretrain\.pt|final\.pt|trainer_state\.json"
-    r"|checkpoints[/.]|ckpt-")
+    r"|checkpoints[/.]|ckpt-|\.inference-spool")
 
 
 def _code_strings(path: Path) -> list[tuple[int, str]]:

@@ -165,3 +165,25 @@ def test_deepspeed_zero2_runs_two_cpu_processes_end_to_end(tmp_path):
     assert len(set(result["parameter_sha256_per_rank"])) == 1
     assert result["acc"] >= 0.5, result  # ZeRO-2 trained the model (chance is about 0.1)
     assert any((tmp_path / "run" / "checkpoints").glob("ckpt-*/pytorch_model"))  # DeepSpeed's own state
+
+
+def test_the_spooled_final_inference_on_two_processes_equals_one(runs, tmp_path):
+    """The final inference streams each layer's rows through files (train/inference.py): run
+    alone from the 2-process run's final model, on one process and on two (each rank its shard,
+    reading the other's rows from the spool), it gives the same assignments, and those the
+    trainer's own 2-process final inference wrote."""
+    tmp = runs[0]
+    script = ["scripts/inference_memory.py", str(tmp / "two"), "--mode", "spooled", "--chunk-size", "100"]
+    one = subprocess.run([sys.executable, *script, "--out", str(tmp_path / "one.txt")], cwd=ROOT, env=_env(False),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+              str(_free_port()), "--multi_gpu"]
+    two = subprocess.run([*launch, *script, "--out", str(tmp_path / "two.txt")], cwd=ROOT, env=_env(True),
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1: peak RSS" in two.stdout  # two processes did run
+    one_process, two_processes = (np.loadtxt(tmp_path / f"{name}.txt", dtype=int) for name in ("one", "two"))
+    np.testing.assert_array_equal(one_process, two_processes)
+    np.testing.assert_array_equal(one_process, _assignments(tmp / "two"))
+    assert "100.0000% equal" in one.stdout and not (tmp / "two" / ".inference-spool").exists()

@@ -1,5 +1,6 @@
-"""Layer-wise, chunked full-graph inference equals the GCN's whole-graph forward pass; the
-chunked mean codes (all, or a sorted subset) equal the encoder's."""
+"""Layer-wise, chunked full-graph inference equals the GCN's whole-graph forward pass, and so
+does its spooled form (rows on disk, streamed chunk by chunk); the chunked mean codes (all, or
+a sorted subset) equal the encoder's."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import ensure_graph, prepare_dataset
 from sddecc_dist.train.distributed import make_accelerator
-from sddecc_dist.train.inference import mean_codes, node_share, predict_layerwise
+from sddecc_dist.train.inference import mean_codes, node_share, predict_layerwise, predict_layerwise_spooled
 
 
 @pytest.mark.parametrize("view", ["raw", "sobel"])  # sobel: the GCN's first layer reads the view, not the pixels
@@ -30,9 +31,18 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view):
         share = node_share(tmp_path, manifest, 0, 1, 128, *((images, labels) if in_memory else ()))
         assert torch.equal(share.ids, torch.arange(len(images)))
         assert torch.equal(torch.cat([c[0] for c in share.chunks()]), share.ids)  # chunks arrive in share order
-        y = predict_layerwise(model, share, to_scipy_csr(adjacency), len(images), accelerator)
+        rows_in_memory = []
+        y = predict_layerwise(model, share, to_scipy_csr(adjacency), len(images), accelerator, rows_in_memory)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))
+        # through files, in chunks of 37 nodes that each read their neighbours' rows: the same sums
+        rows_spooled = []
+        spooled = predict_layerwise_spooled(model, share, to_scipy_csr(adjacency), len(images), accelerator,
+                                            tmp_path / "spool", chunk_size=37, layer_inputs=rows_spooled)
+        assert torch.equal(spooled, y)
+        assert len(rows_spooled) == len(rows_in_memory) == model.gcn.n_layers
+        assert all(torch.equal(a, b) for a, b in zip(rows_spooled, rows_in_memory))
+        assert not (tmp_path / "spool").exists()  # its files are removed
         # the mean codes: of every node, and of a sorted subset (only those encoded)
         with torch.no_grad():
             codes = model.encode(images).mean

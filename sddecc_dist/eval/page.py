@@ -37,9 +37,8 @@ from sddecc_dist.eval.plots import DPI, sample_indices  # noqa: E402
 from sddecc_dist.run_folder import RunFolder, RunFolderError  # noqa: E402
 from sddecc_dist.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
-__all__ = ["REPORT_DIR", "contact_sheet", "read_assignments_with_confidence", "write_page"]
+__all__ = ["contact_sheet", "read_assignments_with_confidence", "write_page"]
 
-REPORT_DIR = "report"
 TILE_PIXELS = 48  # each image drawn at least this wide (nearest-neighbour upscaling: pixels stay pixels)
 SHEET_COLUMNS = 8
 
@@ -71,7 +70,7 @@ def write_page(run_dir: str | Path, data_dir: str | Path | None = None, per_clus
     images, codes, labels = _read_data(data_dir, manifest, trained.model, trained.config.model.latent_dim, wanted,
                                          mapped, batch_size)
 
-    out = run.path / REPORT_DIR
+    out = run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     names = manifest.get("class_names") or [str(c) for c in range(int(manifest.get("n_classes") or 0))]
     _save_figure(out / "sizes.png", _sizes_figure(clusters, n_clusters))

@@ -7,6 +7,7 @@ The GCN's Y needs every node's neighbours, so it runs one layer at a time over t
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,118 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
     return torch.softmax(h, dim=1)
 
 
+@torch.no_grad()
+def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
+                              accelerator: Accelerator, spool: Path, chunk_size: int = 4096,
+                              layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Y for this rank's share, as `predict_layerwise` computes it, with no (N, width) matrix in
+    memory: each layer's rows go to disk and come back chunk by chunk.
+
+    Per layer: (1) each rank writes the row-wise part [(1-δ)H + δZ] W of its own nodes, chunk by
+    chunk, to SPOOL/rows-L-rank-R.npy (H read back from its own previous-layer file); (2) after a
+    barrier, each chunk of its nodes reads the rows of exactly the nodes its rows of Â touch (its
+    neighbours, whichever rank holds them: the boundary is read, not approximated) from those
+    files, multiplies, and writes its H to SPOOL/h-L-rank-R.npy. Memory per rank is a chunk's
+    images, rows and neighbour rows, the rank's rows of Â and a few numbers per node (which rank
+    holds it, where); the files are memory-mapped only while a chunk reads them. SPOOL must be a
+    folder every rank sees (the run folder). The same sums in the same order as the in-memory
+    path, so the same Y. `layer_inputs` (main process) receives each layer's rows of every node,
+    as `predict_layerwise` gives them, for `predict`'s state."""
+    was_training = core.training
+    core.eval()
+    if not core.use_gcn:
+        y = predict_layerwise(core, share, None, n, accelerator)
+        core.train(was_training)
+        return y
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    spool = Path(spool)
+    if accelerator.is_main_process:  # of an earlier inference killed mid-way
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # which rank holds each node, and at which row of its files
+    holders = gather_rows(accelerator, share.ids, torch.stack(
+        [torch.full((len(share.ids),), rank), torch.arange(len(share.ids))], 1).to(device), n).cpu().numpy()
+    own_adjacency = sp.csr_matrix(adjacency[share.ids.numpy()], dtype=np.float32)
+    gcn, h_file = core.gcn, None
+    for layer in range(gcn.n_layers):
+        rows_file = spool / f"rows-{layer}-rank-{rank}.npy"
+        _write_layer_inputs(core, share, layer, h_file, rows_file, device)
+        accelerator.wait_for_everyone()  # every rank's rows of this layer are on disk
+        files = [spool / f"rows-{layer}-rank-{r}.npy" for r in range(world)]
+        if layer_inputs is not None:
+            layer_inputs.append(_read_rows(files, holders[:, 0], holders[:, 1]))
+        out, next_h_file = None, spool / f"h-{layer}-rank-{rank}.npy"
+        for start in range(0, len(share.ids), chunk_size):
+            block = own_adjacency[start:start + chunk_size]
+            columns, local = np.unique(block.indices, return_inverse=True)
+            neighbours = _read_rows(files, holders[columns, 0], holders[columns, 1])
+            sub = torch.sparse_csr_tensor(torch.from_numpy(block.indptr).long(), torch.from_numpy(local).long(),
+                                          torch.from_numpy(block.data), size=(block.shape[0], len(columns)),
+                                          check_invariants=False)
+            h = propagate(sub.to(device), neighbours.to(device))
+            if layer < gcn.n_layers - 1:
+                h = torch.relu(h)
+            if out is None:
+                out = np.lib.format.open_memmap(next_h_file, mode="w+", dtype=np.float32,
+                                                shape=(len(share.ids), h.shape[1]))
+            out[start:start + len(h)] = h.cpu().numpy()
+        out.flush()
+        del out
+        accelerator.wait_for_everyone()  # every rank has read this layer's rows
+        rows_file.unlink()
+        if h_file is not None:
+            h_file.unlink()
+        h_file = next_h_file
+    y = torch.softmax(torch.from_numpy(np.load(h_file)), dim=1)
+    h_file.unlink()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(spool, ignore_errors=True)
+    core.train(was_training)
+    return y
+
+
+def _write_layer_inputs(core: SDDECC, share: NodeShare, layer: int, h_file: Path | None, rows_file: Path,
+                        device) -> None:
+    """Layer `layer`'s row-wise inputs of the share's nodes, chunk by chunk, into `rows_file`
+    (H of the previous layer read from `h_file`, in the same order)."""
+    out, offset = None, 0
+    for chunk_ids, x, _ in share.chunks():
+        if not torch.equal(chunk_ids, share.ids[offset:offset + len(chunk_ids)]):
+            raise RuntimeError(f"the share's chunks arrive out of order at node {int(chunk_ids[0])}")
+        x = x.to(device)
+        z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
+        h = None
+        if h_file is not None:
+            previous = np.load(h_file, mmap_mode="r")
+            h = torch.from_numpy(np.array(previous[offset:offset + len(chunk_ids)])).to(device)
+            del previous
+        part = core.gcn.layer_input(layer, core.gcn_input(x), h, z).float().cpu().numpy()
+        if out is None:
+            out = np.lib.format.open_memmap(rows_file, mode="w+", dtype=np.float32, shape=(len(share.ids), part.shape[1]))
+        out[offset:offset + len(part)] = part
+        offset += len(chunk_ids)
+    out.flush()
+    del out
+
+
+def _read_rows(files: list[Path], holder: np.ndarray, row: np.ndarray) -> torch.Tensor:
+    """Rows (len(holder), width): row `row[i]` of the file of rank `holder[i]`, each file
+    memory-mapped only while it is read."""
+    out = None
+    for rank, path in enumerate(files):
+        mine = np.flatnonzero(holder == rank)
+        if len(mine) == 0:
+            continue
+        rows = np.load(path, mmap_mode="r")
+        if out is None:
+            out = np.empty((len(holder), rows.shape[1]), dtype=np.float32)
+        out[mine] = rows[row[mine]]
+        del rows
+    return torch.from_numpy(out)
+
+
 def assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
                 accelerator: Accelerator) -> np.ndarray:
     """argmax_j Y_ij of every node (Eq. 20), each rank predicting its share, on every rank."""
@@ -104,12 +217,17 @@ def assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None,
 
 
 def final_assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
-                      accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor] | None]:
+                      accelerator: Accelerator, spool: Path | None = None, chunk_size: int = 4096,
+                      ) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor] | None]:
     """(argmax_j Y_ij, max_j Y_ij, each GCN layer's input rows) of every node: the run's
     assignments and their confidence on every rank, and on the main process what `predict`
-    needs of the training graph (None elsewhere, and without a GCN)."""
+    needs of the training graph (None elsewhere, and without a GCN). With `spool`, the layers'
+    rows go through files there (`predict_layerwise_spooled`) instead of memory."""
     layer_inputs = [] if core.use_gcn and accelerator.is_main_process else None
-    y = predict_layerwise(core, share, adjacency, n, accelerator, layer_inputs)
+    if spool is None:
+        y = predict_layerwise(core, share, adjacency, n, accelerator, layer_inputs)
+    else:
+        y = predict_layerwise_spooled(core, share, adjacency, n, accelerator, spool, chunk_size, layer_inputs)
     confidence, labels = y.max(1)
     gathered = gather_rows(accelerator, share.ids, torch.stack([labels.float(), confidence], 1).to(accelerator.device), n)
     return gathered[:, 0].long().cpu().numpy(), gathered[:, 1].cpu().numpy(), layer_inputs

@@ -452,8 +452,10 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
     final checkpoint and model file."""
     confidence = layer_inputs = None
     if joint_epochs > 0:
-        assignments, confidence, layer_inputs = inference.final_assignments(t.core, t.share, t.sampler.adjacency_sp,
-                                                                            t.n, t.accelerator)
+        # through files in the run folder, not memory: bounded per rank whatever N (inference.py)
+        assignments, confidence, layer_inputs = inference.final_assignments(
+            t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator, spool=t.run.inference_spool,
+            chunk_size=t.config.train.inference_batch_size)
     elif t.state.start_self_labelled:  # no joint phase after the stage: its partition is the result
         assignments = t.run.read_self_label_assignments()
         # the confidence: the stage's classifier's probability of each sample's cluster (the

@@ -1,0 +1,84 @@
+"""The final inference of a finished run, alone, in one of its two forms: what it costs in time
+and peak memory, and whether it gives the run's own assignments.
+
+    python scripts/inference_memory.py RUN --mode spooled --out spooled.txt   # rows through files
+    python scripts/inference_memory.py RUN --mode memory --out memory.txt     # (N, width) rows in memory
+
+Run each mode in its own process: the peak resident memory printed is the process's. It
+rebuilds what the trainer's final inference had: the model of RUN/checkpoints/final.pt, the
+data folder's kNN graph over the run's view, cut along the joint phase's start when
+train.joint_graph=within_start, and the images streamed from the shards (none held in memory).
+It prints seconds, peak RSS and the agreement with RUN/assignments.txt, and writes the
+assignments to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sddecc_dist.graph import (  # noqa: E402
+    edges_within,
+    load_graph,
+    load_neighbors,
+    renormalize,
+    symmetric_adjacency,
+    to_scipy_csr,
+)
+from sddecc_dist.pipeline import graph_path, graph_view  # noqa: E402
+from sddecc_dist.run_folder import RunFolder  # noqa: E402
+from sddecc_dist.train.distributed import make_accelerator  # noqa: E402
+from sddecc_dist.train.inference import final_assignments, node_share  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--mode", choices=["spooled", "memory"], required=True)
+    parser.add_argument("--out", required=True, help="text file for the assignments, one per line")
+    parser.add_argument("--chunk-size", type=int, help="nodes per chunk (default: the run's train.inference_batch_size)")
+    args = parser.parse_args()
+
+    run = RunFolder(args.run)
+    trained = run.load_model("final")
+    config, manifest, model = trained.config, trained.manifest, trained.model
+    chunk = args.chunk_size or config.train.inference_batch_size
+    n = manifest["count"]
+    start = time.perf_counter()
+    path = graph_path(config.data_dir, config.graph.k, graph_view(config, manifest))
+    if config.train.joint_graph == "within_start":  # the joint phase's graph: its edges inside the start's clusters
+        cut_along = (run.read_self_label_assignments() if run.self_label_assignments_path.is_file()
+                     else run.read_initial_assignments())
+        sym = edges_within(symmetric_adjacency(load_neighbors(path)[0], n), cut_along)
+        adjacency = to_scipy_csr(renormalize(sym + sp.identity(n, dtype=np.float64, format="csr")))
+    else:  # the artifact's Â as saved, as the trainer keeps it
+        adjacency = to_scipy_csr(load_graph(path)[0])
+    accelerator = make_accelerator(config)
+    share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes, chunk)
+    graph_seconds = time.perf_counter() - start
+    assignments, _, _ = final_assignments(model, share, adjacency, n, accelerator,
+                                          spool=run.inference_spool if args.mode == "spooled" else None,
+                                          chunk_size=chunk)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not accelerator.is_main_process:  # every rank has every assignment; the main process writes them
+        print(f"rank {accelerator.process_index}: peak RSS {peak:.0f} MiB")
+        return 0
+    np.savetxt(args.out, assignments, fmt="%d")
+    agreement = float((assignments == run.read_assignments()).mean())
+    print(f"{args.mode}: {n} nodes, chunks of {chunk}: {seconds:.1f} s ({graph_seconds:.1f} s of it the graph), "
+          f"peak RSS {peak:.0f} MiB, {agreement:.4%} equal to {run.assignments_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from sddecc_dist.data import DataError, read_manifest, stream_batches  # noqa: E402
+from sddecc_dist.data import DataError, stream_batches  # noqa: E402
 from sddecc_dist.eval.plots import DPI, sample_indices  # noqa: E402
 from sddecc_dist.run_folder import RunFolder, RunFolderError  # noqa: E402
 from sddecc_dist.utils import atomic_write_bytes, atomic_write_text  # noqa: E402

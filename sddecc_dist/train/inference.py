@@ -78,15 +78,8 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
     own_rows = rows_of(adjacency, share.ids).to(device)
     h = None
     for layer in range(gcn.n_layers):
-        parts, offset = [], 0
-        for chunk_ids, x, _ in share.chunks():
-            if not torch.equal(chunk_ids, share.ids[offset:offset + len(chunk_ids)]):
-                raise RuntimeError(f"the share's chunks arrive out of order at node {int(chunk_ids[0])}")
-            x = x.to(device)
-            z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
-            h_chunk = h[offset:offset + len(chunk_ids)] if h is not None else None
-            parts.append(gcn.layer_input(layer, core.gcn_input(x), h_chunk, z).float())
-            offset += len(chunk_ids)
+        previous = None if h is None else (lambda offset, count, h=h: h[offset:offset + count])
+        parts = [part for _, part in _layer_input_chunks(core, share, layer, previous, device)]
         rows = gather_rows(accelerator, share.ids, torch.cat(parts), n)
         if layer_inputs is not None:
             layer_inputs.append(rows.cpu())
@@ -169,26 +162,36 @@ def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_
     return y
 
 
-def _write_layer_inputs(core: SDDECC, share: NodeShare, layer: int, h_file: Path | None, rows_file: Path,
-                        device) -> None:
-    """Layer `layer`'s row-wise inputs of the share's nodes, chunk by chunk, into `rows_file`
-    (H of the previous layer read from `h_file`, in the same order)."""
-    out, offset = None, 0
+def _layer_input_chunks(core: SDDECC, share: NodeShare, layer: int, previous: Callable | None,
+                        device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, rows) for each chunk of the share, in share order: layer `layer`'s row-wise
+    inputs ([(1-δ)H + δZ] W, X W for the first layer), re-running the encoder on the chunk for Z;
+    `previous(offset, count)` gives the previous layer's H of those nodes (None: first layer)."""
+    offset = 0
     for chunk_ids, x, _ in share.chunks():
         if not torch.equal(chunk_ids, share.ids[offset:offset + len(chunk_ids)]):
             raise RuntimeError(f"the share's chunks arrive out of order at node {int(chunk_ids[0])}")
         x = x.to(device)
         z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
-        h = None
-        if h_file is not None:
-            previous = np.load(h_file, mmap_mode="r")
-            h = torch.from_numpy(np.array(previous[offset:offset + len(chunk_ids)])).to(device)
-            del previous
-        part = core.gcn.layer_input(layer, core.gcn_input(x), h, z).float().cpu().numpy()
+        h = previous(offset, len(chunk_ids)) if previous is not None else None
+        yield offset, core.gcn.layer_input(layer, core.gcn_input(x), h, z).float()
+        offset += len(chunk_ids)
+
+
+def _write_layer_inputs(core: SDDECC, share: NodeShare, layer: int, h_file: Path | None, rows_file: Path,
+                        device) -> None:
+    """Layer `layer`'s row-wise inputs of the share's nodes, chunk by chunk, into `rows_file`
+    (H of the previous layer read from `h_file`, in the same order)."""
+    def previous(offset: int, count: int) -> torch.Tensor:
+        rows = np.load(h_file, mmap_mode="r")  # mapped only while this chunk reads it
+        return torch.from_numpy(np.array(rows[offset:offset + count])).to(device)
+
+    out = None
+    for offset, part in _layer_input_chunks(core, share, layer, previous if h_file is not None else None, device):
+        part = part.cpu().numpy()
         if out is None:
             out = np.lib.format.open_memmap(rows_file, mode="w+", dtype=np.float32, shape=(len(share.ids), part.shape[1]))
         out[offset:offset + len(part)] = part
-        offset += len(chunk_ids)
     out.flush()
     del out
 

@@ -9,9 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from sddecc_dist.config import (
     Config,
     ConfigError,
@@ -23,24 +20,12 @@ from sddecc_dist.config import (
     load_config,
     resolve_input_view,
 )
-from sddecc_dist.data import load_all, read_manifest
-from sddecc_dist.eval.baselines import kmeans_on_pixels
-from sddecc_dist.eval.metrics import clustering_scores
-from sddecc_dist.eval.page import write_page
-from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
-from sddecc_dist.paper.report import report
-from sddecc_dist.paper.reproduce import TARGETS, reproduce
-from sddecc_dist.pipeline import (
-    ensure_graph,
-    ensure_partitioned_shards,
-    ensure_partitions,
-    partitioned_dir,
-    prepare_dataset,
-)
-from sddecc_dist.run_folder import RunFolder
-from sddecc_dist.train.loop import train
-from sddecc_dist.train.predict import predict, read_predicted_clusters
+from sddecc_dist.paper.published import TARGETS
 from sddecc_dist.utils import console
+
+# Each command imports its own implementation when it runs: `sddecc --help`, a mistyped key
+# or `sddecc prepare` need not load the trainer, scikit-learn, UMAP and matplotlib (3.9 s
+# before, most of a short command's time).
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +42,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> dict:
     overrides = (list(args.overrides) + (["train.resume=true"] if args.resume else [])
                  + (["train.new_version=true"] if args.new_version else []))
-    return train(load_config(args.config, overrides))
+    config = load_config(args.config, overrides)  # a bad key is reported before the trainer loads
+    from sddecc_dist.train.loop import train
+
+    return train(config)
 
 
 def _add_view_argument(parser: argparse.ArgumentParser) -> None:
@@ -68,18 +56,27 @@ def _add_view_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args) -> None:
+    from sddecc_dist.pipeline import prepare_dataset
+
     prepare_dataset(args.source, args.out, from_dir=args.from_dir, split=args.split,
                     size=args.size, samples_per_shard=args.samples_per_shard)
 
 
 def _view(args) -> str:
     """--view, with auto decided as training decides model.input_view: by the images' channels."""
+    from sddecc_dist.data import read_manifest
+
     return resolve_input_view(args.view, read_manifest(args.data_dir)["image_shape"][0])
 
 
 def _graph(args) -> None:
     """Single process, or, under torchrun / accelerate launch with WORLD_SIZE > 1, one rank of
     a sharded build (each rank reads its share of the shards; rank 0 writes the artifact)."""
+    import torch
+    import torch.distributed as dist
+
+    from sddecc_dist.pipeline import ensure_graph
+
     params = from_arguments(GraphConfig, args)
     view = _view(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -106,6 +103,8 @@ def _graph(args) -> None:
 def _partition(args) -> None:
     """METIS partitions of the kNN graph and the shards rewritten in partition order (the
     artifacts the Cluster-GCN sampler streams); the training run builds them itself if missing."""
+    from sddecc_dist.pipeline import ensure_partitioned_shards, ensure_partitions, partitioned_dir
+
     view = _view(args)
     if args.rebuild:  # both artifacts go: the shards are tied to the partition they were made from
         ensure_partitions(args.data_dir, args.k, args.parts, args.partition_method, args.seed, rebuild=True,
@@ -117,6 +116,8 @@ def _partition(args) -> None:
 
 
 def _predict(args) -> None:
+    from sddecc_dist.train.predict import predict
+
     result = predict(args.run_dir, args.source, args.out, with_codes=args.codes, size=args.size, as_new=args.as_new)
     console.log(f"{result['images']} images into {result['clusters_used']} clusters in {result['seconds']:.1f} s "
                 f"({result['images_per_second']:.0f} images/s) -> {result['out']}")
@@ -125,6 +126,11 @@ def _predict(args) -> None:
 def _evaluate(args) -> None:
     """Score a run's assignments, or a `predict` table (its `cluster` column, row i for sample
     i), against the labels in a prepared data folder."""
+    from sddecc_dist.data import load_all
+    from sddecc_dist.eval.metrics import clustering_scores
+    from sddecc_dist.run_folder import RunFolder
+    from sddecc_dist.train.predict import read_predicted_clusters
+
     source = Path(args.run_dir)
     if source.is_file():
         assignments, where = read_predicted_clusters(source), source
@@ -142,6 +148,8 @@ def _evaluate(args) -> None:
 
 
 def _show(args) -> None:
+    from sddecc_dist.eval.page import write_page
+
     page = write_page(args.run_dir, data_dir=args.data_dir, per_cluster=args.per_cluster,
                       map_samples=args.map_samples, seed=args.seed)
     console.log(f"wrote {page}")
@@ -150,12 +158,16 @@ def _show(args) -> None:
 
 
 def _reproduce(args) -> None:
+    from sddecc_dist.paper.reproduce import reproduce
+
     reproduce(args.target, args.dataset, list(range(args.first_seed, args.first_seed + args.seeds)),
               runs_dir=args.runs_dir, configs_dir=args.configs_dir, overrides=args.overrides,
               launcher=args.launcher, dry_run=args.dry_run, base_config=args.config, only=args.only)
 
 
 def _report(args) -> None:
+    from sddecc_dist.paper.report import report
+
     text = report(args.runs, out=args.out, allow_unfinished=args.allow_unfinished)
     if args.out is None:
         print(text)
@@ -164,10 +176,14 @@ def _report(args) -> None:
 
 
 def _baseline(args) -> None:
+    from sddecc_dist.eval.baselines import kmeans_on_pixels
+
     kmeans_on_pixels(args.data_dir, args.out, seed=args.seed, n_init=args.n_init, n_clusters=args.n_clusters)
 
 
 def _plot(args) -> None:
+    from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
+
     if args.kind == "tsne":
         for run_dir in args.runs:
             path = embedding_tsne(run_dir, Path(args.out) / f"tsne_{Path(run_dir).name}.png",

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # joint phase uses Cluster-GCN subgraphs (18 METIS partitions of ~100 nodes, 3 per step), so
 # the partitioned shards, their rank split and the distributed layer-wise inference are tested;
 # tests/test_train.py covers the full-batch sampler.
-SHORT = ["data.samples_per_shard=900", "train.pretrain_epochs=25", "train.joint_epochs=40",
-         "train.head_warmup_epochs=20", "train.eval_every=20", "train.checkpoint_every=5",
+SHORT = ["data.samples_per_shard=900", "train.pretrain_epochs=18", "train.joint_epochs=20",
+         "train.head_warmup_epochs=10", "train.eval_every=20", "train.checkpoint_every=5",
          "train.num_threads=1", "train.keep_checkpoints=2", "train.joint_sampler=cluster",
          "train.partition_size=100", "train.partitions_per_batch=3", "train.partitions_per_shard=3",
-         "model.self_label_head=true", "train.self_label_epochs=2", "train.self_label_steps=300"]
+         "model.self_label_head=true", "train.self_label_epochs=2", "train.self_label_steps=150"]
 
 
 def _free_port() -> int:

@@ -6,17 +6,11 @@ same function on a checkpoint's codes.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
-import umap
-import umap.distances
-import umap.layouts
-import umap.sparse
-import umap.umap_
-import umap.utils
-from numba.core.registry import CPUDispatcher
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -26,12 +20,22 @@ UMAP_COMPONENTS = 10
 UMAP_NEIGHBOURS = 20
 
 
-def _cache_umap_compilation() -> None:
-    """Let numba keep umap-learn's compiled functions on disk. umap-learn declares most of
-    them without `cache=True`, so every process compiled them again: about 5.5 s of a
-    400-sample start's 6 s (0.4 s from the cache). `enable_caching` is what numba's own
-    `cache=True` calls; where numba finds no usable cache folder it raises, and that
-    function compiles per process, as before."""
+@functools.cache
+def _umap():
+    """umap-learn, imported on first use (0.8 s of numba and pynndescent that a run with
+    another start, or a command that never fits UMAP, need not pay), with numba keeping its
+    compiled functions on disk. umap-learn declares most of them without `cache=True`, so
+    every process compiled them again: about 5.5 s of a 400-sample start's 6 s (0.4 s from
+    the cache). `enable_caching` is what numba's own `cache=True` calls; where numba finds no
+    usable cache folder it raises, and that function compiles per process, as before."""
+    import umap
+    import umap.distances
+    import umap.layouts
+    import umap.sparse
+    import umap.umap_
+    import umap.utils
+    from numba.core.registry import CPUDispatcher
+
     for module in (umap.umap_, umap.layouts, umap.utils, umap.distances, umap.sparse):
         for function in vars(module).values():
             if isinstance(function, CPUDispatcher):
@@ -39,9 +43,7 @@ def _cache_umap_compilation() -> None:
                     function.enable_caching()
                 except RuntimeError:  # "cannot cache function ...: no locator available"
                     pass
-
-
-_cache_umap_compilation()
+    return umap
 
 
 def initial_partition(
@@ -88,7 +90,7 @@ def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: in
     use_knn = knn is not None and n <= fit_sample
     if use_knn and knn[0].shape != (n, neighbours):
         raise ValueError(f"knn holds {knn[0].shape} neighbours; UMAP needs ({n}, {neighbours}), self first")
-    reducer = umap.UMAP(n_components=min(UMAP_COMPONENTS, codes.shape[1]), n_neighbors=neighbours, min_dist=0.0,
+    reducer = _umap().UMAP(n_components=min(UMAP_COMPONENTS, codes.shape[1]), n_neighbors=neighbours, min_dist=0.0,
                         random_state=seed, n_jobs=1, precomputed_knn=(*knn, None) if use_knn else (None, None, None))
     if n <= fit_sample:
         with warnings.catch_warnings():  # "transform will be unavailable": it is not used

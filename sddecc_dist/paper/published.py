@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["DATASET_ORDER", "METHOD_ORDER", "PAPER", "PAPER_N", "PAPER_ROW", "PaperScore", "paper_score"]
+__all__ = ["DATASET_ORDER", "METHOD_ORDER", "PAPER", "PAPER_N", "PAPER_ROW", "PaperScore", "TARGETS", "paper_score"]
+
+# The tables and figures that `sddecc reproduce` makes.
+TARGETS = ("table3", "table4", "fig6", "fig7")
 
 
 class PaperScore(NamedTuple):

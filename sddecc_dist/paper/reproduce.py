@@ -27,6 +27,7 @@ from pathlib import Path
 from sddecc_dist.config import ConfigError, load_config
 from sddecc_dist.eval.baselines import kmeans_on_pixels
 from sddecc_dist.eval.plots import embedding_tsne, lambda_heatmaps
+from sddecc_dist.paper.published import TARGETS
 from sddecc_dist.paper.report import report
 from sddecc_dist.pipeline import prepare_dataset
 from sddecc_dist.run_folder import RunFolder
@@ -46,7 +47,6 @@ TABLE3_VARIANTS = ["kmeans_pixels", "ae_kmeans", "convae_mi_gcn"]
 # Figure 7's grid (section 4.5).
 FIG7_LAMBDA1 = [0.001, 0.005, 0.01, 0.05, 0.1]
 FIG7_LAMBDA2 = [1.0, 1.25, 1.5, 1.75, 2.0]
-TARGETS = ("table3", "table4", "fig6", "fig7")
 
 
 @dataclass

@@ -246,6 +246,9 @@ class TrainConfig:
              "start, a full-covariance GMM on a 10-d UMAP embedding of the codes")
     start_fit_sample: int = param(100_000, min=2, help="umap_gmm: UMAP is fitted on at most this many codes "
                                                         "(seeded sample), the rest placed by its transform")
+    start_candidates: int = param(1, min=1, help="umap_gmm: UMAP + GMM fitted this many times (seeds seed, "
+                                                 "seed+1, ...) and the consensus kept: the candidate with the "
+                                                 "highest mean NMI to the others (docs/method.md)")
     eval_every: int = param(5, min=1, help="joint epochs between metric lines")
     checkpoint_every: int = param(25, min=1, help="epochs (either phase) between periodic checkpoints")
     keep_checkpoints: int = param(2, min=1, help="newest checkpoint folders kept in RUN/checkpoints")

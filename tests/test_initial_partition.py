@@ -68,6 +68,39 @@ def test_umap_gmm_start_recovers_separated_clusters_and_leaves_none_empty():
     assert np.bincount(labels, minlength=8).min() >= 1
 
 
+def test_consensus_choice_keeps_the_partition_the_others_agree_with():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from sddecc_dist.model.initial_partition import consensus_choice
+
+    truth = np.repeat(np.arange(4), 25)
+    merged = np.where(truth == 1, 0, truth)  # two clusters merged, another split: UMAP + GMM's failure
+    merged[truth == 3] = np.where(np.arange(25) < 12, 3, 1)
+    relabelled = (truth + 1) % 4  # the same partition under other names
+    rng = np.random.default_rng(0)
+    noisy = truth.copy()
+    noisy[rng.choice(100, 8, replace=False)] = rng.integers(0, 4, 8)
+    assert consensus_choice([merged, relabelled, noisy]) == 1
+    assert consensus_choice([truth]) == 0
+    # against the criterion computed by brute force: the largest sum of NMI to the others
+    candidates = [rng.integers(0, 4, 100) for _ in range(3)] + [merged, noisy]
+    sums = [sum(normalized_mutual_info_score(a, b) for j, b in enumerate(candidates) if j != i)
+            for i, a in enumerate(candidates)]
+    assert consensus_choice(candidates) == int(np.argmax(sums))
+
+
+def test_umap_gmm_with_candidates_returns_one_of_its_seeds_fits():
+    rng = np.random.default_rng(2)
+    truth = np.repeat(np.arange(4), 50)
+    codes = rng.normal(scale=1.0, size=(200, 5)) + 3.0 * rng.normal(size=(4, 5))[truth]
+    from sddecc_dist.model.initial_partition import consensus_choice
+
+    fits = [initial_partition(codes, 4, "umap_gmm", n_init=2, seed=s)[0] for s in (5, 6, 7)]
+    labels, centres = initial_partition(codes, 4, "umap_gmm", n_init=2, seed=5, candidates=3)
+    np.testing.assert_array_equal(labels, fits[consensus_choice(fits)])
+    np.testing.assert_allclose(centres, np.stack([codes[labels == c].mean(0) for c in range(4)]))
+
+
 def test_umap_embedding_is_fitted_on_a_sample_and_places_the_rest():
     from sddecc_dist.model.initial_partition import umap_embedding
 

@@ -299,4 +299,5 @@ def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | No
         knn = umap_knn(codes, umap_neighbours(n, n_clusters), config.graph.use_gpu)  # FAISS, not UMAP's own
     return initial_partition(codes, n_clusters, config.train.center_init, graph=adjacency_sp,
                              n_init=config.train.kmeans_n_init, seed=config.seed,
-                             fit_sample=config.train.start_fit_sample, knn=knn)
+                             fit_sample=config.train.start_fit_sample, knn=knn,
+                             candidates=config.train.start_candidates)

@@ -287,7 +287,10 @@ def _start(t: Training) -> None:
     t.state.start_ready, t.state.start_scores = True, t.score(labels)
     smoothing = cfg.center_init_smoothing if t.sampler.adjacency is not None else 0
     health = t.health(labels, None)
-    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x): {_format(t.state.start_scores)} "
+    consensus = f", the consensus of {cfg.start_candidates} fits" if cfg.center_init == "umap_gmm" and \
+        cfg.start_candidates > 1 else ""
+    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x{consensus}): "
+        f"{_format(t.state.start_scores)} "
         f"{_format(health)}")
     t.log_metrics({"phase": "kmeans", "epoch": t.pretrain.epochs, **t.state.start_scores, **health,
                    "peak_memory_mib": round(peak_memory_mib(), 1)})

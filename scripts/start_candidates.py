@@ -1,0 +1,48 @@
+"""How much does the UMAP + GMM start depend on its seed, and which candidate does the
+consensus choice keep? On a run's pretrained codes (checkpoints/pretrain.pt):
+
+    python scripts/start_candidates.py runs/x/checkpoints/pretrain.pt --data-dir data/x --candidates 5
+
+Prints each seed's ACC / NMI (labels are read here only, to score), their mean, and the
+candidate `consensus_choice` keeps without labels (docs/method.md, "Five starts").
+"""
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from sddecc_dist.data import load_all
+from sddecc_dist.eval.metrics import clustering_scores
+from sddecc_dist.model.initial_partition import consensus_choice, initial_partition
+from sddecc_dist.run_folder import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_file")
+    parser.add_argument("--data-dir", help="default: the model config's data_dir")
+    parser.add_argument("--candidates", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="the first candidate's seed")
+    args = parser.parse_args()
+
+    trained = load_model(args.model_file, args.data_dir)
+    images, labels = load_all(args.data_dir or trained.config.data_dir)
+    if labels is None:
+        raise SystemExit("the data have no labels to score the candidates with")
+    with torch.no_grad():
+        codes = torch.cat([trained.model.encode(images[i:i + 1024]).mean
+                           for i in range(0, len(images), 1024)]).numpy()
+    k = int(trained.model.centers.shape[0])
+    seeds = range(args.seed, args.seed + args.candidates)
+    partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]
+    scores = [clustering_scores(labels.numpy(), p) for p in partitions]
+    chosen = consensus_choice(partitions)
+    print(json.dumps({"acc": [round(s["acc"], 3) for s in scores], "nmi": [round(s["nmi"], 3) for s in scores],
+                      "mean_acc": round(float(np.mean([s["acc"] for s in scores])), 3),
+                      "chosen": chosen, "chosen_acc": round(scores[chosen]["acc"], 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -70,10 +70,10 @@ def build_set(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The images and labels of one set of the suite (seeded: the same arrays every time)."""
     if name == "digits":
         return _raw("digits", from_dir)
-    if name in ("usps", "usps-2000", "usps-k2"):
+    if name in ("usps", "usps-2000", "usps-1000", "usps-k2"):
         x, y = _raw("usps", from_dir)
-        if name == "usps-2000":
-            return _subset(x, y, 2000, seed=1)
+        if name in ("usps-2000", "usps-1000"):
+            return _subset(x, y, int(name.split("-")[1]), seed=1)
         if name == "usps-k2":  # two digit classes, relabelled 0 and 1
             keep = np.isin(y, [3, 8])
             return x[keep], (y[keep] == 8).astype(np.int64)
@@ -111,9 +111,9 @@ def build_set(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     raise SystemExit(f"unknown set {name!r}; sets: {', '.join(SETS)}")
 
 
-SETS = ["digits", "usps", "usps-2000", "usps-k2", "mnist-5000", "fmnist-5000", "mnist+fmnist", "k40",
+SETS = ["digits", "usps", "usps-2000", "usps-1000", "usps-k2", "mnist-5000", "fmnist-5000", "mnist+fmnist", "k40",
         "mnist-32px", "mnist-64px", "mnist-rgb", "mnist-imbalanced"]
-FAST = ["digits", "usps-2000", "k40"]  # digits: the quickstart test (tests/test_train.py); the others: tests/test_generality.py
+FAST = ["digits", "usps-1000", "k40"]  # digits: the quickstart test (tests/test_train.py); the others: tests/test_generality.py
 
 
 # ---- one row ------------------------------------------------------------------------------

@@ -161,8 +161,8 @@ def test_deepspeed_zero2_runs_two_cpu_processes_end_to_end(tmp_path):
 
     # no self-labelling stage here (the other tests run it on two processes): ZeRO-2 through
     # pretraining, the start, the warm-up and the joint phase, and its checkpoints
-    result = _run(tmp_path / "data", tmp_path / "run", 2, "train.pretrain_epochs=14", "train.joint_epochs=20",
-                  "train.head_warmup_epochs=5", "train.self_label_epochs=0",
+    result = _run(tmp_path / "data", tmp_path / "run", 2, "train.pretrain_epochs=14", "train.joint_epochs=10",
+                  "train.head_warmup_epochs=3", "train.self_label_epochs=0",
                   accelerate_config="configs/accelerate/deepspeed_zero2.yaml")
     assert result["world_size"] == 2
     assert len(set(result["parameter_sha256_per_rank"])) == 1

@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
 
-from sddecc_dist.model.initial_partition import initial_partition
+from sddecc_dist.model.initial_partition import consensus_choice, initial_partition
 
 # Four points on a line; the partition into two that Ward's criterion prefers is {0, 1}, {5, 6}.
 LINE = np.array([[0.0], [1.0], [5.0], [6.0]])
@@ -71,8 +71,6 @@ def test_umap_gmm_start_recovers_separated_clusters_and_leaves_none_empty():
 def test_consensus_choice_keeps_the_partition_the_others_agree_with():
     from sklearn.metrics import normalized_mutual_info_score
 
-    from sddecc_dist.model.initial_partition import consensus_choice
-
     truth = np.repeat(np.arange(4), 25)
     merged = np.where(truth == 1, 0, truth)  # two clusters merged, another split: UMAP + GMM's failure
     merged[truth == 3] = np.where(np.arange(25) < 12, 3, 1)
@@ -89,12 +87,10 @@ def test_consensus_choice_keeps_the_partition_the_others_agree_with():
     assert consensus_choice(candidates) == int(np.argmax(sums))
 
 
-def test_umap_gmm_with_candidates_returns_one_of_its_seeds_fits():
+def test_umap_gmm_with_candidates_keeps_the_consensus_of_its_seeds_fits():
     rng = np.random.default_rng(2)
     truth = np.repeat(np.arange(4), 50)
     codes = rng.normal(scale=1.0, size=(200, 5)) + 3.0 * rng.normal(size=(4, 5))[truth]
-    from sddecc_dist.model.initial_partition import consensus_choice
-
     fits = [initial_partition(codes, 4, "umap_gmm", n_init=2, seed=s)[0] for s in (5, 6, 7)]
     labels, centres = initial_partition(codes, 4, "umap_gmm", n_init=2, seed=5, candidates=3)
     np.testing.assert_array_equal(labels, fits[consensus_choice(fits)])

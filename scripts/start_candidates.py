@@ -11,7 +11,6 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from sddecc_dist.data import load_all
 from sddecc_dist.eval.metrics import clustering_scores
@@ -31,9 +30,7 @@ def main() -> None:
     images, labels = load_all(args.data_dir or trained.config.data_dir)
     if labels is None:
         raise SystemExit("the data have no labels to score the candidates with")
-    with torch.no_grad():
-        codes = torch.cat([trained.model.encode(images[i:i + 1024]).mean
-                           for i in range(0, len(images), 1024)]).numpy()
+    codes = trained.model.mean_codes(images, "cpu").numpy()
     k = int(trained.model.centers.shape[0])
     seeds = range(args.seed, args.seed + args.candidates)
     partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]

@@ -70,13 +70,17 @@ def main() -> int:
                                           chunk_size=chunk)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not accelerator.is_main_process:  # every rank has every assignment; the main process writes them
+    if accelerator.is_main_process:  # every rank has every assignment; the main process writes them
+        np.savetxt(args.out, assignments, fmt="%d")
+        agreement = float((assignments == run.read_assignments()).mean())
+        print(f"{args.mode}: {n} nodes, chunks of {chunk}: {seconds:.1f} s ({graph_seconds:.1f} s of it the graph), "
+              f"peak RSS {peak:.0f} MiB, {agreement:.4%} equal to {run.assignments_path}")
+    else:
         print(f"rank {accelerator.process_index}: peak RSS {peak:.0f} MiB")
-        return 0
-    np.savetxt(args.out, assignments, fmt="%d")
-    agreement = float((assignments == run.read_assignments()).mean())
-    print(f"{args.mode}: {n} nodes, chunks of {chunk}: {seconds:.1f} s ({graph_seconds:.1f} s of it the graph), "
-          f"peak RSS {peak:.0f} MiB, {agreement:.4%} equal to {run.assignments_path}")
+    # Every rank leaves the process group together: a rank that exits with gloo's threads still
+    # up can abort in C++ ("terminate called without an active exception", seen in CI).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return 0
 
 

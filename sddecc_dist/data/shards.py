@@ -146,9 +146,13 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 def _is_real_dtype(name) -> bool:
+    if not isinstance(name, str):
+        return False
     try:
-        return isinstance(name, str) and np.dtype(name).kind in "uifb"
-    except TypeError:
+        # numpy parses any string as a dtype spec and fails in its own ways: "0:" raises
+        # ValueError, "01" SyntaxError (found by tests/test_faults.py's fuzzing)
+        return np.dtype(name).kind in "uifb"
+    except Exception:
         return False
 
 

@@ -135,12 +135,14 @@ def baselines(data_dir: Path, seed: int) -> dict:
                          **cluster_health(umap_gmm, k)}}
 
 
-def recipe(data_dir: Path, run_dir: Path, seed: int, config: Path, threads: int) -> dict:
+def recipe(data_dir: Path, run_dir: Path, seed: int, config: Path, threads: int | None) -> dict:
     """The recipe as a user runs it: one `launch/train.py` process."""
     run = RunFolder(run_dir)
     if not run.is_finished:
         command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config),
-                   f"data_dir={data_dir}", f"output_dir={run_dir}", f"seed={seed}", f"train.num_threads={threads}"]
+                   f"data_dir={data_dir}", f"output_dir={run_dir}", f"seed={seed}"]
+        if threads:
+            command.append(f"train.num_threads={threads}")
         if run.is_started:
             command.append("train.resume=true")
         started = time.time()
@@ -165,7 +167,8 @@ def main() -> int:
     parser.add_argument("--from", dest="from_dir", type=Path, default=ROOT.parent / "shared" / "datasets",
                         help="folder with usps/, mnist/, fashion-mnist/ raw files")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
+    parser.add_argument("--threads", type=int, help="torch threads of each training run (default: torch's own, "
+                                                    "one per core unless OMP_NUM_THREADS says otherwise)")
     args = parser.parse_args()
     sets = FAST if args.fast else args.sets
     results_path = args.out / "generality.json"

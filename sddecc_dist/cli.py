@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from rich.text import Text
+
 from sddecc_dist.config import (
     Config,
     ConfigError,
@@ -328,11 +330,17 @@ def run_reporting_errors(func, *args) -> int:
             raise
         if isinstance(error, OSError):
             where = f"{error.filename}: " if error.filename else ""
-            console.print(f"[red]error:[/red] {where}{error.strerror or error} (SDDECC_DEBUG=1 shows the traceback)")
+            _print_error(f"{where}{error.strerror or error} (SDDECC_DEBUG=1 shows the traceback)")
             return 1
-        console.print(f"[red]error:[/red] {error}")
+        _print_error(str(error))
         return 2
     return 0
+
+
+def _print_error(message: str) -> None:
+    """One line, whatever its length (a path cut in two cannot be pasted), and the message
+    as it is: no rich markup read in it (a key like `a[0]`, a path with brackets)."""
+    console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,22 @@
-"""Data and runs shared by several test modules."""
+"""Data and runs shared by several test modules, and the threads of each pytest-xdist worker."""
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
+
+# The README's test command runs the suite in pytest-xdist workers, one per core. Each worker,
+# and every process it starts (they inherit the environment), then gets its share of the cores:
+# on this 2-core machine one thread, because a torch process with two threads beside a busy
+# one ran 50 to 70 times slower (../shared/notes/platform.md). Set before torch, faiss or numba
+# is imported, which read these variables once.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[_variable] = _threads
 
 
 # The README's quickstart: the default recipe, unchanged, on scikit-learn's digits.
@@ -12,16 +25,22 @@ QUICKSTART = ["configs/default.yaml", "data.source=digits"]
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """The README's quickstart in a temporary folder (about a minute): its result, and the folder
-    holding data/ and run/. Shared by the tests that check the run and those that read it."""
+    """The README's quickstart in a temporary folder (about a minute): its result (the run's
+    metrics.json), and the folder holding data/ and run/. Shared by the tests that check the
+    run and those that read it (none may change it: copy it first). Under pytest-xdist every
+    worker has a session of its own; the run is made once, by the first worker that needs it,
+    in the folder the workers share, behind a file lock (pytest-xdist's documented pattern)."""
     from sddecc_dist.config import load_config
     from sddecc_dist.train.loop import train
 
-    tmp = tmp_path_factory.mktemp("quickstart")
+    base = tmp_path_factory.getbasetemp()
+    tmp = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "quickstart"
     root = Path(__file__).resolve().parent.parent
-    config = load_config(root / QUICKSTART[0],
-                         [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"])
-    return train(config), tmp
+    with FileLock(f"{tmp}.lock"):
+        if not (tmp / "run" / "metrics.json").is_file():
+            train(load_config(root / QUICKSTART[0],
+                              [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"]))
+    return json.loads((tmp / "run" / "metrics.json").read_text()), tmp
 
 
 @pytest.fixture(scope="session")

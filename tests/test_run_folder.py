@@ -156,6 +156,27 @@ def test_os_errors_end_in_one_line_naming_the_file_unless_debugging(monkeypatch,
         run_reporting_errors(full_disk)
 
 
+def test_an_error_longer_than_the_console_stays_one_line_and_is_printed_verbatim(monkeypatch, capsys):
+    """A deep run folder's path is longer than the console's 200 columns (a CI run's tmpfs path
+    was cut in two): the error is still one line, and text that looks like rich markup in it
+    (an override key, a path with brackets) is printed as it is."""
+    from sddecc_dist.cli import run_reporting_errors
+
+    deep = "/tmp/" + "/".join(f"level-{i}" for i in range(40)) + "/checkpoints/.tmp-ckpt-0"
+    monkeypatch.delenv("SDDECC_DEBUG", raising=False)
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device", deep)
+
+    def bad_key() -> None:
+        raise ValueError("train.lrs[0]: unknown key in [red]runs/[bold]x.yaml")
+
+    assert run_reporting_errors(full_disk) == 1 and run_reporting_errors(bad_key) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: {deep}: No space left on device (SDDECC_DEBUG=1 shows the traceback)",
+                     "error: train.lrs[0]: unknown key in [red]runs/[bold]x.yaml"]
+
+
 def test_a_torn_metrics_line_is_never_read_and_a_resume_drops_it_with_the_lines_after_its_checkpoint(tmp_path):
     run = RunFolder(tmp_path)
     lines = [{"phase": "pretrain", "epoch": 1}, {"phase": "pretrain", "epoch": 2}, {"phase": "kmeans", "epoch": 2},

@@ -141,7 +141,7 @@ def train(config: Config) -> dict:
         raise ConfigError(f"n_clusters={n_clusters} is more than the {n} samples of {config.data_dir}")
     if config.model.use_gcn:
         check_graph_k(config, n)
-    micro_batch = _micro_batch(config, accelerator.num_processes, n)
+    micro_batch = micro_batch_size(config, accelerator.num_processes, n)
 
     # the run folder: locked for this run, or refused before anything is written to it
     lock = _take_run_folder(run, config, accelerator)
@@ -247,9 +247,14 @@ def _pretrain(t: Training) -> None:
             t.after_step(Position("pretrain", epoch, step), batches.steps_per_epoch)
         means = {k: v / max(seen, 1) for k, v in sums.items()}
         t.progress.update(task, advance=1)
-        rate = seen * t.accelerator.num_processes / (time.time() - epoch_start)
+        seconds = time.time() - epoch_start
+        rate = seen * t.accelerator.num_processes / seconds
         log(f"pretrain epoch {epoch + 1}/{batches.epochs} {_format(means)} ({rate:.0f} samples/s)")
-        t.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means, "peak_memory_mib": round(peak_memory_mib(), 1)})
+        # seconds and steps: the epoch's wall time as the trainer spent it (scripts/bench.py
+        # sets it beside a bare loop's); a resumed epoch counts only the steps it ran
+        steps_run = batches.steps_per_epoch - (at.step if epoch == at.epoch else 0)
+        t.log_metrics({"phase": "pretrain", "epoch": epoch + 1, **means, "seconds": round(seconds, 4),
+                       "steps": steps_run, "peak_memory_mib": round(peak_memory_mib(), 1)})
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < batches.epochs:
             t.checkpoint(Position("pretrain", epoch + 1, 0))
     if t.accelerator.is_main_process:
@@ -383,6 +388,7 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
     background, background_age = None, 0
     task = t.progress.add_task("joint", total=joint_epochs, completed=at.epoch, status="")
     pending_line = None
+    since, since_epoch = time.time(), at.epoch  # the wall time of the epochs between two metric lines
     for epoch in range(at.epoch, joint_epochs):
         epoch_start = time.time()
         warm_up = epoch < cfg.head_warmup_epochs
@@ -442,7 +448,11 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
             scores, health = t.score(assignments), t.health(assignments, start)
             log(f"joint epoch {epoch + 1}/{joint_epochs} {_format(terms.parts)} {_format(scores)} "
                 f"{_format(health)} ({t.n / (time.time() - epoch_start):.0f} samples/s)")
-            t.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores, **health})
+            # epoch_seconds: the mean wall time of the epochs since the last line, this scoring included
+            epoch_seconds = round((time.time() - since) / (epoch + 1 - since_epoch), 4)
+            since, since_epoch = time.time(), epoch + 1
+            t.log_metrics({"phase": "joint", "epoch": epoch + 1, **last_parts, **scores, **health,
+                           "epoch_seconds": epoch_seconds})
         pending_line = last_parts if due and not whole_graph and epoch + 1 == joint_epochs else None
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < joint_epochs:
             t.checkpoint(Position("joint", epoch + 1, 0))
@@ -541,7 +551,8 @@ def _prepare_data(config: Config, accelerator: Accelerator) -> dict:
         return read_manifest(data_dir)
 
 
-def _micro_batch(config: Config, world: int, n: int) -> int:
+def micro_batch_size(config: Config, world: int, n: int) -> int:
+    """Samples per micro-batch of each process in the minibatch phases (scripts/bench.py uses it too)."""
     train = config.train
     split = world * train.gradient_accumulation_steps
     batch = train.pretrain_batch_size

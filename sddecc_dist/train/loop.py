@@ -510,6 +510,8 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         "training_peak_memory_mib": round(training_peak, 1),
         "assignments": RunFolder.ASSIGNMENTS,
     }
+    if t.accelerator.device.type == "cuda":  # the GPU's own peak, beside the host's RSS
+        result["gpu_peak_memory_mib"] = round(torch.cuda.max_memory_allocated(t.accelerator.device) / 2**20, 1)
     t.state.done = True
     t.checkpoint(Position("joint", joint_epochs, 0))
     if t.accelerator.is_main_process:

@@ -11,14 +11,16 @@ from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import ensure_graph, prepare_dataset
 from sddecc_dist.train.distributed import make_accelerator
-from sddecc_dist.train.inference import mean_codes, node_share, predict_layerwise, predict_layerwise_spooled
+from sddecc_dist.train.inference import NodeShare, mean_codes, node_share, predict_layerwise, predict_layerwise_spooled
 
 
-@pytest.mark.parametrize("view", ["raw", "sobel"])  # sobel: the GCN's first layer reads the view, not the pixels
-def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view):
+# sobel: the GCN's first layer reads the view, not the pixels; pooled: every layer's Z is kept
+# from the first layer's pass instead of encoding each chunk again for each layer
+@pytest.mark.parametrize("view, features", [("raw", "flatten"), ("sobel", "flatten"), ("raw", "pooled")])
+def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view, features):
     prepare_dataset("digits", tmp_path, samples_per_shard=500)
     config = load_config("configs/digits.yaml", [f"data_dir={tmp_path}", "train.inference_batch_size=128",
-                                                 f"model.input_view={view}"])
+                                                 f"model.input_view={view}", f"model.gcn_features={features}"])
     manifest = read_manifest(tmp_path)
     images, labels = load_all(tmp_path, manifest)
     adjacency = ensure_graph(tmp_path, 3, images)
@@ -31,10 +33,14 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view):
         share = node_share(tmp_path, manifest, 0, 1, 128, *((images, labels) if in_memory else ()))
         assert torch.equal(share.ids, torch.arange(len(images)))
         assert torch.equal(torch.cat([c[0] for c in share.chunks()]), share.ids)  # chunks arrive in share order
+        passes = []
+        counted = NodeShare(share.ids, lambda: (passes.append(1), share.chunks())[1])
         rows_in_memory = []
-        y = predict_layerwise(model, share, to_scipy_csr(adjacency), len(images), accelerator, rows_in_memory)
+        y = predict_layerwise(model, counted, to_scipy_csr(adjacency), len(images), accelerator, rows_in_memory)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert torch.equal(y.argmax(1), expected.argmax(1))
+        # the images are read (and encoded) once with pooled features, once per GCN layer without
+        assert len(passes) == (1 if features == "pooled" else model.gcn.n_layers)
         # through files, in chunks of 37 nodes that each read their neighbours' rows: the same sums
         rows_spooled = []
         spooled = predict_layerwise_spooled(model, share, to_scipy_csr(adjacency), len(images), accelerator,

@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 __all__ = ["cluster_acc", "clustering_scores"]
 
@@ -37,10 +38,7 @@ def cluster_acc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     Labels may be any values; they are remapped with ``np.unique``.
     """
     true, pred = _as_label_vectors(y_true, y_pred)
-    classes, true_ids = np.unique(true, return_inverse=True)
-    clusters, pred_ids = np.unique(pred, return_inverse=True)
-    contingency = np.zeros((classes.size, clusters.size), dtype=np.int64)
-    np.add.at(contingency, (true_ids, pred_ids), 1)
+    contingency = contingency_matrix(true, pred)  # classes x clusters, each in np.unique order
     rows, cols = linear_sum_assignment(contingency, maximize=True)
     return float(contingency[rows, cols].sum() / true.size)
 

@@ -63,10 +63,13 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
     """Y for this rank's share of the full graph, one GCN layer at a time.
 
     Per layer, each rank computes the row-wise part [(1-δ)H + δZ] W for its own nodes in
-    chunks (re-running the encoder on the chunk for Z), the rows are gathered into one
-    (N, width) matrix, and each rank multiplies its rows of Â with it. Returns Y for the
-    share's rows, in `share.ids` order. `layer_inputs`, when given, receives each layer's
-    gathered (N, width) rows on the CPU: what a new node's neighbours pass to it (predict.py)."""
+    chunks, the rows are gathered into one (N, width) matrix, and each rank multiplies its rows
+    of Â with it. Z: with model.gcn_features=pooled (a few hundred numbers a node) every layer's
+    Z is kept from one encoder pass over the share, made with the first layer's; with flattened
+    maps (tens of KB a node) the encoder runs again on each chunk for each layer, so that only
+    one layer's Z is ever held. Returns Y for the share's rows, in `share.ids` order.
+    `layer_inputs`, when given, receives each layer's gathered (N, width) rows on the CPU: what
+    a new node's neighbours pass to it (predict.py)."""
     was_training = core.training
     core.eval()
     device = accelerator.device
@@ -76,10 +79,11 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
         return y
     gcn = core.gcn
     own_rows = rows_of(adjacency, share.ids).to(device)
+    kept = [] if core.pooled_gcn_features else None  # each chunk's Z^(1..L+1), from the first layer's pass
     h = None
     for layer in range(gcn.n_layers):
         previous = None if h is None else (lambda offset, count, h=h: h[offset:offset + count])
-        parts = [part for _, part in _layer_input_chunks(core, share, layer, previous, device)]
+        parts = [part for _, part in _layer_input_chunks(core, share, layer, previous, device, kept)]
         rows = gather_rows(accelerator, share.ids, torch.cat(parts), n)
         if layer_inputs is not None:
             layer_inputs.append(rows.cpu())
@@ -163,15 +167,28 @@ def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_
 
 
 def _layer_input_chunks(core: SDDECC, share: NodeShare, layer: int, previous: Callable | None,
-                        device) -> Iterator[tuple[int, torch.Tensor]]:
+                        device, kept: list[list[torch.Tensor]] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset, rows) for each chunk of the share, in share order: layer `layer`'s row-wise
     inputs ([(1-δ)H + δZ] W, X W for the first layer), re-running the encoder on the chunk for Z;
-    `previous(offset, count)` gives the previous layer's H of those nodes (None: first layer)."""
+    `previous(offset, count)` gives the previous layer's H of those nodes (None: first layer).
+    `kept`, when given: the first layer's pass appends each chunk's Z^(1..L+1) to it, and the
+    later layers take Z from it (the same chunks, so the same values) instead of reading and
+    encoding the chunk again."""
+    if layer and kept:
+        offset = 0
+        for representations in kept:
+            count = len(representations[0])
+            h = previous(offset, count)
+            yield offset, core.gcn.layer_input(layer, None, h, representations[layer - 1]).float()
+            offset += count
+        return
     offset = 0
     for chunk_ids, x, _ in share.chunks():
         if not torch.equal(chunk_ids, share.ids[offset:offset + len(chunk_ids)]):
             raise RuntimeError(f"the share's chunks arrive out of order at node {int(chunk_ids[0])}")
         x = x.to(device)
+        if kept is not None:  # the first layer's pass: every layer's Z of this chunk, once
+            kept.append(core.gcn_representations(core.encode(x)))
         z = core.gcn_representations(core.encode(x))[layer - 1] if layer else None
         h = previous(offset, len(chunk_ids)) if previous is not None else None
         yield offset, core.gcn.layer_input(layer, core.gcn_input(x), h, z).float()

@@ -184,7 +184,7 @@ def scipy_adjacency(neighbors: np.ndarray, n: int) -> sp.csr_matrix:
     return (scale @ a @ scale).tocsr()
 
 
-def bare_metis(neighbors: np.ndarray, n: int, n_parts: int, seed: int, sym: sp.csr_matrix) -> np.ndarray:
+def bare_metis(sym: sp.csr_matrix, n_parts: int, seed: int) -> np.ndarray:
     import pymetis
 
     dtype = pymetis.zero_copy_dtype()
@@ -200,7 +200,7 @@ def stage_graph(neighbors: np.ndarray, n: int, partition_size: int) -> list[dict
     n_parts = max(2, -(-n // partition_size))
     part_seconds, _ = timed(partition_graph, neighbors, n_parts, "metis", 0)
     sym = symmetric_adjacency(neighbors, n)
-    part_floor, _ = timed(bare_metis, neighbors, n, n_parts, 0, sym)
+    part_floor, _ = timed(bare_metis, sym, n_parts, 0)
     return [row("adjacency", seconds, floor, "the same normalised CSR built with scipy alone"),
             row("partition", part_seconds, part_floor, f"pymetis part_graph into {n_parts} parts on a CSR "
                                                        "already built")]
@@ -236,6 +236,7 @@ def bare_steps(model: SDDECC, optimizer: torch.optim.Optimizer, phase: str, x: t
         terms.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     def steps_done():
         for _ in range(steps):
             step()
@@ -256,13 +257,14 @@ def synchronize(device: torch.device) -> None:
 def stage_training(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor, device: torch.device) -> list[dict]:
     run = RunFolder(run_dir)
     log = run.read_metrics_log()
-    config, manifest = run.load_model("final").config, read_manifest(config_data_dir(run))
+    trained = run.load_model("final")
+    config, manifest = trained.config, trained.manifest
     pretrain = [line for line in log if line["phase"] == "pretrain"][1:]  # the first epoch warms up
     trainer_step = sum(line["seconds"] for line in pretrain) / sum(line["steps"] for line in pretrain)
     joint_line = next(line for line in log if line["phase"] == "joint" and
                       line["epoch"] > config.train.head_warmup_epochs and "epoch_seconds" in line)
 
-    n, k = len(images), run.load_model("final").model.n_clusters
+    n, k = len(images), trained.model.n_clusters
     model = SDDECC(tuple(manifest["image_shape"]), k, config.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), config.train.pretrain_lr, fused=True)
     images, adjacency, autocast = images.to(device), adjacency.to(device), config.train.mixed_precision
@@ -276,7 +278,6 @@ def stage_training(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor,
     refresh_note = ""
     if nodes < n:
         joint["encoder_index"] = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:nodes].to(device)
-    bare_joint = None
     if nodes < n and config.train.joint_encoding_refresh > 1:
         # as the trainer does it: the other nodes' codes read from a no-grad pass made every
         # joint_encoding_refresh steps, that pass's share counted in the floor
@@ -285,16 +286,12 @@ def stage_training(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor,
         bare_joint = bare_steps(model, optimizer, "joint", images, 2, autocast, background=background,
                                 **joint) + encoding_seconds / refresh
         refresh_note = f", {nodes} with gradients, the others' codes from a pass every {refresh} steps"
-    if bare_joint is None:
+    else:
         bare_joint = bare_steps(model, optimizer, "joint", images, 2, autocast, **joint)
     return [row("pretrain_step", trainer_step, bare_pretrain, f"forward + backward + fused Adam step on one batch "
                                                                 f"of {len(batch)} in memory"),
             row("joint_step", joint_line["epoch_seconds"], bare_joint, f"the bare joint step on all {n} nodes in "
                                                                         f"memory{refresh_note}")]
-
-
-def config_data_dir(run: RunFolder) -> str:
-    return load_config(run.path / "config.yaml").data_dir
 
 
 def stage_inference(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor, device: torch.device) -> dict:

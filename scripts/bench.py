@@ -37,6 +37,10 @@ written as a prepared set in OUT/data first. Stages (seconds, floor seconds, rat
   inference        the final inference of every image (`final_assignments`, layer by layer in
                    chunks, the images in memory as the full-graph sampler has them), against
                    the bare forward of every image in memory; both also as images per second
+  predict          `sddecc predict`'s work on up to 10 000 of the images taken as new ones
+                   (neighbours from the run's saved index, the GCN fed from their stored
+                   rows), against a bare flat search of the same queries plus the encoder's
+                   forward of them; both as images per second too
 The two training stages come from one short real run (`launch/train.py` with the config,
 OUT/run): 3 pretraining epochs, a k-means start, 3 warm-up and 6 joint epochs. It writes
 OUT/bench.json ({"environment", "n", "data", "stages": [{stage, seconds, floor_seconds,
@@ -71,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 from sddecc_dist.config import IndexParams, load_config  # noqa: E402
 from sddecc_dist.data import RawDataset, load_all, read_manifest, write_shards  # noqa: E402
 from sddecc_dist.graph import knn_graph, renormalize, symmetric_adjacency, to_scipy_csr  # noqa: E402
-from sddecc_dist.graph.knn import measure_recall, resolve_use_gpu  # noqa: E402
+from sddecc_dist.graph.knn import load_search_index, measure_recall, resolve_use_gpu  # noqa: E402
 from sddecc_dist.graph.partition import partition_graph  # noqa: E402
 from sddecc_dist.model.sddecc import SDDECC  # noqa: E402
 from sddecc_dist.pipeline import graph_features, graph_view  # noqa: E402
@@ -79,6 +83,7 @@ from sddecc_dist.run_folder import RunFolder  # noqa: E402
 from sddecc_dist.train.distributed import make_accelerator  # noqa: E402
 from sddecc_dist.train.inference import final_assignments, node_share  # noqa: E402
 from sddecc_dist.train.loop import micro_batch_size  # noqa: E402
+from sddecc_dist.train.predict import predict_images  # noqa: E402
 from sddecc_dist.utils import console  # noqa: E402
 
 
@@ -316,6 +321,30 @@ def stage_inference(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor
                images_per_second=round(n / seconds, 1), floor_images_per_second=round(n / floor, 1))
 
 
+def stage_predict(run_dir: Path, images: torch.Tensor, features: np.ndarray, count: int = 10000) -> dict:
+    """`sddecc predict`'s work on up to `count` of the images, each treated as a new image (its
+    neighbours found in the run's saved index, the GCN fed from their stored rows), against its
+    two unavoidable parts done bare: a flat search of the same queries among the training
+    features, and the encoder's forward of the same images."""
+    run = RunFolder(run_dir)
+    trained = run.load_model("final")
+    state = torch.load(run.predict_state_path, weights_only=True)
+    index = load_search_index(run.predict_index_path)
+    m = min(count, len(images))
+    queries = images[:m]
+    seconds, _ = timed(predict_images, trained, queries, state, index, known_as_known=False)
+    flat = faiss.IndexFlatL2(features.shape[1])
+    flat.add(features)
+    search_seconds, _ = timed(flat.search, features[:m], state["k"] + 1)
+    model = trained.model.eval()
+    with torch.no_grad():
+        forward_seconds, _ = timed(lambda: [model.encode(queries[i:i + 1024]) for i in range(0, m, 1024)])
+    floor = search_seconds + forward_seconds
+    return row("predict", seconds, floor, f"a bare flat search of the same {m} queries and the encoder's forward "
+                                          f"of them; {m / seconds:.0f} against {m / floor:.0f} images/s",
+               images_per_second=round(m / seconds, 1), floor_images_per_second=round(m / floor, 1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "mnist", help="a prepared set (sddecc prepare)")
@@ -357,6 +386,7 @@ def main() -> int:
     run_dir = short_run(args.config, data_dir, args.out / "run", device, args.overrides)
     done(*stage_training(run_dir, images, adjacency, device))
     done(stage_inference(run_dir, images, adjacency, device))
+    done(stage_predict(run_dir, images, features))
 
     result = {"environment": env, "n": manifest["count"], "data": str(data_dir), "stages": stages}
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))

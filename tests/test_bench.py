@@ -17,7 +17,8 @@ from sddecc_dist.graph import knn_graph
 from sddecc_dist.pipeline import prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["shard_read", "knn_exact", "knn_ivf", "adjacency", "partition", "pretrain_step", "joint_step", "inference"]
+STAGES = ["shard_read", "knn_exact", "knn_ivf", "adjacency", "partition", "pretrain_step", "joint_step", "inference",
+          "predict"]
 
 
 def test_bench_puts_every_stage_beside_its_floor(tmp_path):

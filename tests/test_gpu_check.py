@@ -23,6 +23,6 @@ def test_gpu_check_without_a_gpu_runs_its_cpu_dry_run(tmp_path):
         assert section in text, (section, text[-3000:])
     assert "s per epoch over every node" in text  # the joint phase logged a line with its epochs' time
     bench = json.loads((tmp_path / "check" / "bench" / "bench.json").read_text())
-    assert bench["environment"]["device"] == "cpu" and len(bench["stages"]) == 8
+    assert bench["environment"]["device"] == "cpu" and len(bench["stages"]) == 9
     metrics = json.loads((tmp_path / "check" / "run" / "metrics.json").read_text())
     assert metrics["n_samples"] == 1797 and "gpu_peak_memory_mib" not in metrics

@@ -81,9 +81,10 @@ from sddecc_dist.model.sddecc import SDDECC  # noqa: E402
 from sddecc_dist.pipeline import graph_features, graph_view  # noqa: E402
 from sddecc_dist.run_folder import RunFolder  # noqa: E402
 from sddecc_dist.train.distributed import make_accelerator  # noqa: E402
-from sddecc_dist.train.inference import final_assignments, node_share  # noqa: E402
+from sddecc_dist.train.inference import final_assignments, node_share, rows_of  # noqa: E402
 from sddecc_dist.train.loop import micro_batch_size  # noqa: E402
 from sddecc_dist.train.predict import predict_images  # noqa: E402
+from sddecc_dist.train.samplers import finished_run_adjacency  # noqa: E402
 from sddecc_dist.utils import console  # noqa: E402
 
 
@@ -299,7 +300,7 @@ def stage_training(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor,
                                                                         f"memory{refresh_note}")]
 
 
-def stage_inference(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor, device: torch.device) -> dict:
+def stage_inference(run_dir: Path, images: torch.Tensor, device: torch.device) -> dict:
     run = RunFolder(run_dir)
     trained = run.load_model("final")
     model, config, manifest = trained.model, trained.config, trained.manifest
@@ -308,7 +309,8 @@ def stage_inference(run_dir: Path, images: torch.Tensor, adjacency: torch.Tensor
     # the images in memory, as the full-graph sampler's final inference has them (the cluster
     # sampler streams them from the shards: add shard_read's time for that path)
     share = node_share(config.data_dir, manifest, 0, 1, config.train.inference_batch_size, images)
-    adjacency_sp = to_scipy_csr(adjacency)
+    adjacency_sp = finished_run_adjacency(run, config, manifest)  # the joint phase's graph, as the run had it
+    adjacency = rows_of(adjacency_sp, torch.arange(n))  # the same, as one torch CSR for the bare forward
     model.to(accelerator.device)
     seconds, _ = timed(final_assignments, model, share, adjacency_sp, n, accelerator)
     model.eval().to(device)
@@ -385,7 +387,7 @@ def main() -> int:
     console.log("the short training run (launch/train.py) ...")
     run_dir = short_run(args.config, data_dir, args.out / "run", device, args.overrides)
     done(*stage_training(run_dir, images, adjacency, device))
-    done(stage_inference(run_dir, images, adjacency, device))
+    done(stage_inference(run_dir, images, device))
     done(stage_predict(run_dir, images, features))
 
     result = {"environment": env, "n": manifest["count"], "data": str(data_dir), "stages": stages}

@@ -21,23 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sddecc_dist.graph import (  # noqa: E402
-    edges_within,
-    load_graph,
-    load_neighbors,
-    renormalize,
-    symmetric_adjacency,
-    to_scipy_csr,
-)
-from sddecc_dist.pipeline import graph_path, graph_view  # noqa: E402
 from sddecc_dist.run_folder import RunFolder  # noqa: E402
 from sddecc_dist.train.distributed import make_accelerator  # noqa: E402
 from sddecc_dist.train.inference import final_assignments, node_share  # noqa: E402
+from sddecc_dist.train.samplers import finished_run_adjacency  # noqa: E402
 
 
 def main() -> int:
@@ -54,14 +45,7 @@ def main() -> int:
     chunk = args.chunk_size or config.train.inference_batch_size
     n = manifest["count"]
     start = time.perf_counter()
-    path = graph_path(config.data_dir, config.graph.k, graph_view(config, manifest))
-    if config.train.joint_graph == "within_start":  # the joint phase's graph: its edges inside the start's clusters
-        cut_along = (run.read_self_label_assignments() if run.self_label_assignments_path.is_file()
-                     else run.read_initial_assignments())
-        sym = edges_within(symmetric_adjacency(load_neighbors(path)[0], n), cut_along)
-        adjacency = to_scipy_csr(renormalize(sym + sp.identity(n, dtype=np.float64, format="csr")))
-    else:  # the artifact's Â as saved, as the trainer keeps it
-        adjacency = to_scipy_csr(load_graph(path)[0])
+    adjacency = finished_run_adjacency(run, config, manifest)  # the joint phase's graph, as the trainer had it
     accelerator = make_accelerator(config)
     share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes, chunk)
     graph_seconds = time.perf_counter() - start

@@ -44,12 +44,14 @@ from sddecc_dist.data import steps_per_epoch as partition_steps
 from sddecc_dist.graph import (
     edges_within,
     induced_adjacency,
+    load_graph,
     load_neighbors,
     renormalize,
     symmetric_adjacency,
     to_scipy_csr,
 )
 from sddecc_dist.pipeline import ensure_graph, ensure_partitioned_shards, graph_path, graph_view
+from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.inference import NodeShare, node_share
 
 
@@ -184,6 +186,21 @@ class JointSampler(ABC):
         neighbors, _ = load_neighbors(graph_path(config.data_dir, config.graph.k, view))
         self._set_graph(symmetric_adjacency(neighbors, manifest["count"]), adjacency)  # Â as saved, not recomputed
         return view
+
+
+def finished_run_adjacency(run: RunFolder, config: Config, manifest: dict) -> sp.csr_matrix:
+    """Â of a finished run's joint phase, as its samplers had it: the data folder's kNN graph
+    artifact as saved, or with train.joint_graph=within_start only its edges inside the
+    partition the joint phase started from (the self-labelled one when the run has it),
+    renormalised as `keep_edges_within` does. For rerunning a run's inference alone."""
+    path = graph_path(config.data_dir, config.graph.k, graph_view(config, manifest))
+    if config.train.joint_graph != "within_start":
+        return to_scipy_csr(load_graph(path)[0])
+    start = (run.read_self_label_assignments() if run.self_label_assignments_path.is_file()
+             else run.read_initial_assignments())
+    n = manifest["count"]
+    within = edges_within(symmetric_adjacency(load_neighbors(path)[0], n), start)
+    return to_scipy_csr(renormalize(within + sp.identity(n, dtype=np.float64, format="csr")))
 
 
 def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator) -> JointSampler:

@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from sddecc_dist.config import IndexParams, load_config  # noqa: E402
 from sddecc_dist.data import RawDataset, load_all, read_manifest, write_shards  # noqa: E402
-from sddecc_dist.graph import knn_graph, renormalize, symmetric_adjacency, to_scipy_csr  # noqa: E402
+from sddecc_dist.graph import knn_graph, normalized_adjacency, symmetric_adjacency, to_scipy_csr  # noqa: E402
 from sddecc_dist.graph.knn import load_search_index, measure_recall, resolve_use_gpu  # noqa: E402
 from sddecc_dist.graph.partition import partition_graph  # noqa: E402
 from sddecc_dist.model.sddecc import SDDECC  # noqa: E402
@@ -176,11 +176,6 @@ def stage_knn(features: np.ndarray, k: int, on_gpu: bool) -> tuple[list[dict], n
                 f"{recall:.4f}, nlist {info['nlist']}, nprobe {info['nprobe']}", recall=round(recall, 5))], exact
 
 
-def project_adjacency(neighbors: np.ndarray, n: int) -> torch.Tensor:
-    sym = symmetric_adjacency(neighbors, n)
-    return renormalize(sym + sp.identity(n, dtype=np.float64, format="csr"))
-
-
 def scipy_adjacency(neighbors: np.ndarray, n: int) -> sp.csr_matrix:
     rows = np.repeat(np.arange(n), neighbors.shape[1])
     a = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, neighbors.ravel())), shape=(n, n))
@@ -199,7 +194,7 @@ def bare_metis(sym: sp.csr_matrix, n_parts: int, seed: int) -> np.ndarray:
 
 
 def stage_graph(neighbors: np.ndarray, n: int, partition_size: int) -> list[dict]:
-    seconds, adjacency = timed(project_adjacency, neighbors, n)
+    seconds, adjacency = timed(normalized_adjacency, neighbors, n)  # the graph stage's Â
     floor, reference = timed(scipy_adjacency, neighbors, n)
     difference = abs(to_scipy_csr(adjacency) - reference).max()
     assert difference < 1e-6, f"the scipy floor built another matrix (max difference {difference})"
@@ -383,7 +378,7 @@ def main() -> int:
     knn_rows, neighbors = stage_knn(features, config.graph.k, on_gpu)
     done(*knn_rows)
     done(*stage_graph(neighbors, len(images), config.train.partition_size))
-    adjacency = project_adjacency(neighbors, len(images))
+    adjacency = normalized_adjacency(neighbors, len(images))
     console.log("the short training run (launch/train.py) ...")
     run_dir = short_run(args.config, data_dir, args.out / "run", device, args.overrides)
     done(*stage_training(run_dir, images, adjacency, device))

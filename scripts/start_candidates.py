@@ -31,7 +31,7 @@ def main() -> None:
     if labels is None:
         raise SystemExit("the data have no labels to score the candidates with")
     codes = trained.model.mean_codes(images, "cpu").numpy()
-    k = int(trained.model.centers.shape[0])
+    k = trained.model.n_clusters
     seeds = range(args.seed, args.seed + args.candidates)
     partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]
     scores = [clustering_scores(labels.numpy(), p) for p in partitions]

@@ -27,7 +27,8 @@ QUICKSTART = ["configs/default.yaml", "data.source=digits"]
 def quickstart_run(tmp_path_factory):
     """The README's quickstart in a temporary folder (about a minute): its result (the run's
     metrics.json), and the folder holding data/ and run/. Shared by the tests that check the
-    run and those that read it (none may change it: copy it first). Under pytest-xdist every
+    run and those that read it (a test may add files, such as the page, but copies the run
+    before it changes any of the run's own). Under pytest-xdist every
     worker has a session of its own; the run is made once, by the first worker that needs it,
     in the folder the workers share, behind a file lock (pytest-xdist's documented pattern)."""
     from sddecc_dist.config import load_config

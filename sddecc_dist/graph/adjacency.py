@@ -27,7 +27,7 @@ from .knn import GraphError, knn_graph, resolve_use_gpu
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 __all__ = [
-    "normalized_adjacency", "symmetric_adjacency", "renormalize", "save_graph", "load_graph", "load_neighbors",
+    "normalized_adjacency", "normalize_with_self_loops", "symmetric_adjacency", "renormalize", "save_graph", "load_graph", "load_neighbors",
     "build_graph",
 ]
 
@@ -72,8 +72,14 @@ def normalized_adjacency(neighbors: np.ndarray, n_nodes: int) -> torch.Tensor:
     self-edges ignored) so that the diagonal of A + I is exactly 1. D holds the
     row sums of A + I (always >= 1, so no division by zero).
     """
-    adj = symmetric_adjacency(neighbors, n_nodes)
-    return renormalize(adj + sp.identity(n_nodes, dtype=np.float64, format="csr"))
+    return normalize_with_self_loops(symmetric_adjacency(neighbors, n_nodes))
+
+
+def normalize_with_self_loops(sym_adjacency: sp.spmatrix) -> torch.Tensor:
+    """D^-1/2 (A + I) D^-1/2 of a symmetric A without self loops (`renormalize` of A + I): the
+    GCN's Â of the whole graph, of a Cluster-GCN subgraph, or of the graph cut along a partition."""
+    n_nodes = sym_adjacency.shape[0]
+    return renormalize(sym_adjacency + sp.identity(n_nodes, dtype=np.float64, format="csr"))
 
 
 def edges_within(sym_adjacency: sp.csr_matrix, partition: np.ndarray) -> sp.csr_matrix:

@@ -25,7 +25,7 @@ import torch
 from sddecc_dist.config import TrainConfig, choices
 from sddecc_dist.utils import atomic_write_bytes
 
-from .adjacency import renormalize, symmetric_adjacency
+from .adjacency import normalize_with_self_loops, symmetric_adjacency
 from .knn import GraphError
 
 __all__ = [
@@ -181,7 +181,7 @@ def induced_adjacency(sym_adjacency: sp.csr_matrix, nodes: np.ndarray | torch.Te
         (values[off_diagonal].astype(np.float64), (local_rows[off_diagonal], local_cols[off_diagonal])),
         shape=(nodes.size, nodes.size),
     )
-    return renormalize(sub + sp.identity(nodes.size, dtype=np.float64, format="csr"))
+    return normalize_with_self_loops(sub)
 
 
 # ----------------------------------------------------------------------------- artifact

@@ -46,7 +46,7 @@ from sddecc_dist.graph import (
     induced_adjacency,
     load_graph,
     load_neighbors,
-    renormalize,
+    normalize_with_self_loops,
     symmetric_adjacency,
     to_scipy_csr,
 )
@@ -172,8 +172,7 @@ class JointSampler(ABC):
         """A, and Â: the given one (the graph artifact's), else D^-1/2 (A + I) D^-1/2 of A."""
         self.sym_adjacency = sym_adjacency
         if adjacency is None:
-            adjacency = renormalize(sym_adjacency + sp.identity(sym_adjacency.shape[0], dtype=np.float64,
-                                                                format="csr"))
+            adjacency = normalize_with_self_loops(sym_adjacency)
         self.adjacency_sp = to_scipy_csr(adjacency)
         self.adjacency = adjacency.to(self.device)
 
@@ -198,9 +197,8 @@ def finished_run_adjacency(run: RunFolder, config: Config, manifest: dict) -> sp
         return to_scipy_csr(load_graph(path)[0])
     start = (run.read_self_label_assignments() if run.self_label_assignments_path.is_file()
              else run.read_initial_assignments())
-    n = manifest["count"]
-    within = edges_within(symmetric_adjacency(load_neighbors(path)[0], n), start)
-    return to_scipy_csr(renormalize(within + sp.identity(n, dtype=np.float64, format="csr")))
+    within = edges_within(symmetric_adjacency(load_neighbors(path)[0], manifest["count"]), start)
+    return to_scipy_csr(normalize_with_self_loops(within))
 
 
 def build_joint_sampler(config: Config, manifest: dict, accelerator: Accelerator) -> JointSampler:

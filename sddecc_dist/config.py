@@ -64,13 +64,19 @@ class IndexParams:
     """How the FAISS kNN index is chosen and tuned: the graph functions take it, a config's
     `graph:` section (GraphConfig) extends it, and `sddecc graph` derives its flags from it."""
 
-    index: Literal["auto", "flat", "ivf", "ivfpq"] = param(
-        "auto", help="auto: exact search (flat) up to exact_max_n samples, IVF-Flat up to ivf_max_n, "
-                     "IVF-PQ (8-bit codes) above")
+    index: Literal["auto", "flat", "pca", "ivf", "pca_ivf", "ivfpq"] = param(
+        "auto", help="auto: exact search (flat) up to exact_max_n samples, then IVF-Flat up to ivf_max_n (on "
+                     "pca_dim PCA dimensions, pca_ivf, when the features have more than 2 pca_dim), IVF-PQ "
+                     "(8-bit codes) above; pca: exact search on pca_dim PCA dimensions. Approximate "
+                     "indexes return refine_factor times the candidates, re-ranked by exact distance")
     exact_max_n: int = param(100_000, min=0, help="largest N searched exactly by auto (MNIST-size sets stay exact)")
     ivf_max_n: int = param(10_000_000, min=0, help="largest N searched with IVF-Flat by auto")
     nlist: int = param(0, min=0, help="IVF lists; 0: round(4 sqrt(n)), n the vectors in one index (a rank's share)")
     nprobe: int = param(16, min=1, help="IVF lists searched per query: recall against speed")
+    pca_dim: int = param(64, min=1, help="dimensions PCA keeps for the pca and pca_ivf indexes (fewer than the "
+                                         "features')")
+    refine_factor: int = param(8, min=1, help="candidates per neighbour that pca, pca_ivf and ivfpq re-rank "
+                                              "by exact distance")
     pq_m: int = param(0, min=0, help="IVF-PQ bytes per vector, a divisor of the dimension; 0: the largest "
                                     "<= min(64, d/4)")
     train_sample: int = param(0, min=0, help="vectors for IVF/PQ training; 0: min(n, max(64 nlist, 16384))")

@@ -17,7 +17,7 @@ from sddecc_dist.graph import knn_graph
 from sddecc_dist.pipeline import prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["shard_read", "knn_exact", "knn_ivf", "adjacency", "partition", "pretrain_step", "joint_step", "inference",
+STAGES = ["shard_read", "knn_exact", "knn_ivf", "knn_pca", "knn_pca_ivf", "adjacency", "partition", "pretrain_step", "joint_step", "inference",
           "predict"]
 
 
@@ -35,13 +35,15 @@ def test_bench_puts_every_stage_beside_its_floor(tmp_path):
         assert stage["stage"] in out.stdout + out.stderr  # the printed table
     assert {"torch", "faiss", "torch_threads", "blas", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} <= result["environment"].keys()
 
-    # the IVF row's recall over every sample: a neighbour found is a hit when it is no farther
+    # the fast paths' recall over every sample: a neighbour found is a hit when it is no farther
     # than the exact k-th neighbour, the exact distances here by brute force in float64
     images = load_all(result["data"])[0].flatten(1).numpy()
     distances = ((images[:, None, :].astype(np.float64) - images[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(distances, np.inf)
     kth = np.sort(distances, axis=1)[:, 2:3]
-    approx_distances, _, _ = knn_graph(images, 3, IndexParams(index="ivf", recall_queries=0), use_gpu=False)
-    ivf = next(s for s in result["stages"] if s["stage"] == "knn_ivf")
-    assert 0.9 <= ivf["recall"] <= 1.0
-    assert ivf["recall"] == pytest.approx(float((approx_distances <= kth * (1 + 1e-4) + 1e-9).mean()), abs=1e-4)
+    for params in (IndexParams(index="ivf", recall_queries=0), IndexParams(index="pca", pca_dim=32, recall_queries=0),
+                   IndexParams(index="pca_ivf", pca_dim=32, recall_queries=0)):
+        approx_distances, _, _ = knn_graph(images, 3, params, use_gpu=False)
+        fast = next(s for s in result["stages"] if s["stage"] == f"knn_{params.index}")
+        assert 0.9 <= fast["recall"] <= 1.0
+        assert fast["recall"] == pytest.approx(float((approx_distances <= kth * (1 + 1e-4) + 1e-9).mean()), abs=1e-4)

@@ -273,7 +273,18 @@ def test_resolve_index_by_size_and_defaults() -> None:
     assert pq["index"] == "ivfpq" and pq["pq_m"] == 56 and 784 % pq["pq_m"] == 0
     assert pq["train_sample"] == 64 * pq["nlist"]
     assert resolve_index(IndexParams(), 70_000, 70_000, 784) == {"index": "flat"}  # MNIST stays exact
-    with pytest.raises(ConfigError, match="index='hnsw' must be one of auto, flat, ivf, ivfpq"):
+    # above exact_max_n, wide features are searched on their first PCA dimensions, narrow ones as they are
+    assert resolve_index(params, 40_000, 40_000, 784) == {
+        "index": "pca_ivf", "nlist": 800, "nprobe": 16, "train_sample": 40_000, "pca_dim": 64, "refine_factor": 8}
+    assert resolve_index(params, 40_000, 40_000, 128)["index"] == "ivf"
+    assert pq["refine_factor"] == 8
+    assert resolve_index(IndexParams(index="pca", pca_dim=32), 70_000, 70_000, 784) == {
+        "index": "pca", "train_sample": 16384, "pca_dim": 32, "refine_factor": 8}
+    with pytest.raises(GraphError, match="pca_dim=64 must be smaller than the feature dimension d=64"):
+        resolve_index(IndexParams(index="pca"), 1797, 1797, 64)
+    with pytest.raises(GraphError, match="pca_dim=16 dimensions needs at least as many training vectors, but only 10"):
+        resolve_index(IndexParams(index="pca", pca_dim=16), 10, 10, 64)
+    with pytest.raises(ConfigError, match="index='hnsw' must be one of auto, flat, pca, ivf, pca_ivf, ivfpq"):
         resolve_index(IndexParams(index="hnsw"), 10, 10, 4)
     with pytest.raises(ConfigError, match="nprobe=0 must be >= 1"):
         resolve_index(IndexParams(nprobe=0), 10, 10, 4)
@@ -304,7 +315,7 @@ def test_index_parameters_are_defined_once_for_config_and_command_line() -> None
         parser.parse_args(["--index", "hnsw"])
     with pytest.raises(ConfigError, match="nprobe=0 must be >= 1"):
         from_arguments(GraphConfig, parser.parse_args(["--nprobe", "0"]))
-    with pytest.raises(ConfigError, match="graph.index='hnsw' must be one of auto, flat, ivf, ivfpq"):
+    with pytest.raises(ConfigError, match="graph.index='hnsw' must be one of auto, flat, pca, ivf, pca_ivf, ivfpq"):
         load_config(overrides=["graph.index=hnsw"])
     with pytest.raises(ConfigError, match="graph.nprobe=0 must be >= 1"):
         load_config(overrides=["graph.nprobe=0"])
@@ -336,6 +347,45 @@ def test_ivf_recall_on_digits_matches_brute_force(index) -> None:
     _, idx_one, info_one = knn_graph(x, 5, dataclasses.replace(params, nprobe=1), use_gpu=False)
     assert info_one["recall"] == pytest.approx(_recall_vs_numpy(x, idx_one, 5), abs=1e-9)
     assert info_one["recall"] < recall - 0.02
+
+
+@pytest.mark.parametrize("index", ["pca", "pca_ivf"])
+def test_pca_indexes_rerank_by_exact_distance_on_digits(index) -> None:
+    """Candidates found on the first PCA dimensions come back with their exact distances, in
+    order; recall is measured, and re-ranking more candidates is what recovers it."""
+    x = load_digits().data.astype(np.float32)
+    params = IndexParams(index=index, pca_dim=16, nlist=32, nprobe=8, recall_queries=len(x))
+    dist, idx, info = knn_graph(x, 5, params, use_gpu=False)
+    assert info["index"] == index and info["pca_dim"] == 16 and info["refine_factor"] == 8
+    assert not (idx == np.arange(len(x))[:, None]).any() and (np.diff(dist, axis=1) >= 0).all()
+    np.testing.assert_allclose(dist, brute_force_sq_dists(x)[np.arange(len(x))[:, None], idx], rtol=1e-4, atol=1e-2)
+    recall = _recall_vs_numpy(x, idx, 5)
+    assert recall > 0.97 and info["recall"] == pytest.approx(recall, abs=1e-9)
+    # without extra candidates the 4 dimensions kept lose neighbours: the re-ranking is doing the work
+    _, idx_few, info_few = knn_graph(x, 5, dataclasses.replace(params, pca_dim=4, refine_factor=1), use_gpu=False)
+    assert info_few["recall"] == pytest.approx(_recall_vs_numpy(x, idx_few, 5), abs=1e-9)
+    assert info_few["recall"] < recall - 0.1
+
+
+@pytest.mark.parametrize("index", ["pca_ivf", "ivfpq"])
+def test_saved_search_index_of_an_approximate_graph_returns_exact_distances(index, tmp_path) -> None:
+    """`predict` searches the saved index alone, without the raw vectors beside it: a PCA or PQ
+    index is saved inside FAISS's IndexRefineFlat, which re-ranks as the graph's search did."""
+    from sddecc_dist.graph import build_search_index, load_search_index, save_search_index
+
+    x = load_digits().data.astype(np.float32)
+    params = IndexParams(index=index, pca_dim=16, pq_m=8, nlist=32, nprobe=8)
+    index_built, spec = build_search_index(x, params)
+    save_search_index(tmp_path / "knn.index", index_built)
+    loaded = load_search_index(tmp_path / "knn.index")
+    assert spec["index"] == index and loaded.ntotal == len(x)
+    dist, idx = loaded.search(x, 6)
+    assert (idx[:, 0] == np.arange(len(x))).mean() > 0.99  # each image finds itself first, at distance 0
+    full = brute_force_sq_dists(x)
+    np.fill_diagonal(full, 0.0)
+    np.testing.assert_allclose(dist, full[np.arange(len(x))[:, None], idx], rtol=1e-4, atol=1e-2)
+    graph_dist, _, _ = knn_graph(x, 5, params, use_gpu=False)
+    np.testing.assert_allclose(dist[:, 1:], graph_dist, rtol=1e-4, atol=1e-2)  # the graph's neighbours, as far
 
 
 def test_ivf_rows_with_too_few_candidates_are_completed_exactly() -> None:

@@ -70,6 +70,8 @@ def sharded_runs(tmp_path_factory, coloured_digits_npz):
         {"name": "flat", "data_dir": str(four), "k": 3},
         {"name": "ivf", "data_dir": str(four), "k": 5,
          "params": {"index": "ivf", "nlist": 16, "nprobe": 1, "recall_queries": 1797}},
+        {"name": "pca_ivf", "data_dir": str(four), "k": 4,
+         "params": {"index": "pca_ivf", "pca_dim": 16, "nlist": 16, "nprobe": 2, "recall_queries": 1797}},
         {"name": "no_shard", "data_dir": str(one), "k": 3},
         {"name": "k_too_large", "data_dir": str(four), "k": 800},
         {"name": "stale", "data_dir": str(stale), "k": 3},
@@ -154,6 +156,24 @@ def test_sharded_ivf_records_true_recall(sharded_runs):
     expected = (full[rows[:, None], neighbors[rows]] <= kth * (1 + 1e-6)).mean()
     assert meta["recall"] == pytest.approx(expected, abs=1e-9)
     assert 0.7 < meta["recall"] < 1.0  # nprobe 1 of 16 lists: visibly approximate, still useful
+
+
+def test_sharded_pca_ivf_reranks_exactly_and_records_true_recall(sharded_runs):
+    """Each rank trains its own PCA and IVF on its share; the candidates are re-ranked by exact
+    distance, so every neighbour's distance is exact and recall is that of the candidates."""
+    folders, outcomes = sharded_runs
+    assert all(o["ok"] for o in outcomes["pca_ivf"]), outcomes["pca_ivf"]
+    path = graph_path(folders["four"], 4)
+    _, meta = load_graph(path)
+    assert meta["index"] == "pca_ivf" and meta["world_size"] == 2
+    assert [(r["pca_dim"], r["nlist"], r["refine_factor"]) for r in meta["rank_indexes"]] == [(16, 16, 8)] * 2
+    neighbors = torch.load(path, weights_only=True)["neighbors"].numpy()
+    images, _ = load_all(folders["four"])
+    full = _sq_dists(images.flatten(1).numpy())
+    kth = np.sort(full, 1)[:, 3:4]
+    expected = (full[np.arange(len(full))[:, None], neighbors] <= kth * (1 + 1e-6)).mean()
+    assert meta["recall"] == pytest.approx(expected, abs=1e-9)  # every sample is a recall query here
+    assert 0.95 < meta["recall"] <= 1.0
 
 
 def test_rank_without_shard_fails_on_every_rank(sharded_runs):

@@ -1,12 +1,14 @@
-"""k-nearest-neighbour search with FAISS: exact for small sets, IVF for large ones.
+"""k-nearest-neighbour search with FAISS: exact for small sets, PCA and IVF for large ones.
 
 The SDDECC graph is built once from the images. Up to ``exact_max_n`` samples an
 exact ``IndexFlatL2`` search is used: it is fast enough at that size (MNIST's 70000 x
-784 takes about a minute on one CPU core) and the graph does not depend on index
+784 takes about half a minute on two CPU cores) and the graph does not depend on index
 tuning. Above it an inverted-file index (IVF-Flat, or IVF-PQ for very large sets)
-makes the search sub-quadratic; its recall@k against exact search is measured on a
-random sample of queries and returned with the neighbours, so every graph records
-how approximate it is.
+makes the search sub-quadratic, on the features' first PCA dimensions when they are
+many (``pca_ivf``; ``pca`` is exact search on them): those indexes return more
+candidates than asked for, which are re-ranked by exact distance. Recall@k against
+exact search is measured on a random sample of queries and returned with the
+neighbours, so every graph records how approximate it is.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ __all__ = [
 # FAISS GPU search cannot select more than this many neighbours.
 _GPU_MAX_K = 2048
 INDEX_TYPES = choices(IndexParams, "index")
-# IVF-PQ distances are approximate: we fetch this many times k+1 candidates and re-rank
-# them with exact distances from the raw vectors, which the caller holds anyway.
-_PQ_RERANK_FACTOR = 4
+# Indexes whose distances are approximate (PCA's, PQ's): search_index fetches refine_factor
+# times the candidates asked for and re-ranks them by exact distance from the raw vectors,
+# which the caller holds anyway; a saved index re-ranks them itself (IndexRefineFlat).
+_REFINED = ("pca", "pca_ivf", "ivfpq")
 # Squared distances within this relative tolerance of the exact k-th distance count as
 # hits in recall@k: FAISS computes them by different formulas in different indexes, and
 # two points at (almost) the same distance are equally good neighbours.
@@ -76,22 +79,41 @@ def resolve_index(params: IndexParams, n_total: int, n_index: int, d: int) -> di
     sizes from the ``n_index`` vectors it will hold (they differ in a sharded build).
 
     Returns a JSON-like dict (it goes into the graph metadata): ``index`` and, for IVF,
-    ``nlist``, ``nprobe``, ``train_sample``, and ``pq_m`` for IVF-PQ.
+    ``nlist``, ``nprobe``, ``train_sample``; ``pca_dim`` for the PCA indexes, ``pq_m`` for
+    IVF-PQ, ``refine_factor`` for those two.
     """
     params.check()
     kind = params.index
     if kind == "auto":
-        kind = "flat" if n_total <= params.exact_max_n else "ivf" if n_total <= params.ivf_max_n else "ivfpq"
+        if n_total <= params.exact_max_n:
+            kind = "flat"
+        elif n_total <= params.ivf_max_n:
+            kind = "pca_ivf" if d > 2 * params.pca_dim else "ivf"
+        else:
+            kind = "ivfpq"
     if kind == "flat":
         return {"index": "flat"}
-    nlist = params.nlist or max(1, round(4 * math.sqrt(n_index)))
-    train = min(n_index, params.train_sample or max(64 * nlist, 16384))
-    if nlist > train:
-        raise GraphError(
-            f"nlist={nlist} inverted lists need at least as many training vectors, but only "
-            f"{train} are available (train_sample={params.train_sample}, {n_index} vectors in the index)"
-        )
-    spec = {"index": kind, "nlist": int(nlist), "nprobe": int(min(params.nprobe, nlist)), "train_sample": int(train)}
+    spec = {"index": kind}
+    if kind == "pca":
+        train = min(n_index, params.train_sample or 16384)
+    else:
+        nlist = params.nlist or max(1, round(4 * math.sqrt(n_index)))
+        train = min(n_index, params.train_sample or max(64 * nlist, 16384))
+        if nlist > train:
+            raise GraphError(
+                f"nlist={nlist} inverted lists need at least as many training vectors, but only "
+                f"{train} are available (train_sample={params.train_sample}, {n_index} vectors in the index)"
+            )
+        spec.update(nlist=int(nlist), nprobe=int(min(params.nprobe, nlist)))
+    spec["train_sample"] = int(train)
+    if kind in ("pca", "pca_ivf"):
+        if params.pca_dim >= d:
+            raise GraphError(f"pca_dim={params.pca_dim} must be smaller than the feature dimension d={d} "
+                             f"(index={kind}; use index=flat or ivf for features this narrow)")
+        if train < params.pca_dim:
+            raise GraphError(f"PCA to pca_dim={params.pca_dim} dimensions needs at least as many training "
+                             f"vectors, but only {train} are available")
+        spec["pca_dim"] = int(params.pca_dim)
     if kind == "ivfpq":
         pq_m = params.pq_m or max(m for m in range(1, max(1, min(64, d // 4)) + 1) if d % m == 0)
         if d % pq_m:
@@ -99,6 +121,8 @@ def resolve_index(params: IndexParams, n_total: int, n_index: int, d: int) -> di
         if train < 256:  # 8-bit codes: 256 centroids per sub-quantizer
             raise GraphError(f"IVF-PQ needs at least 256 training vectors, got {train}")
         spec["pq_m"] = int(pq_m)
+    if kind in _REFINED:
+        spec["refine_factor"] = int(params.refine_factor)
     return spec
 
 
@@ -166,10 +190,31 @@ def _to_gpu(cpu_index: faiss.Index, gpu_device: int | None) -> faiss.Index:
     return gpu_index
 
 
+def _training_rows(n: int, spec: dict) -> np.ndarray:
+    rng = np.random.default_rng(spec.get("seed", 0))
+    return np.sort(rng.choice(n, size=spec["train_sample"], replace=False))
+
+
+def _pca_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None) -> faiss.Index:
+    """PCA to ``pca_dim`` dimensions (trained on the spec's sample, on the CPU), then an exact
+    or IVF index of the reduced vectors (on the GPU when asked, as ``build_index`` places
+    them), wrapped in FAISS's IndexPreTransform so that it is searched with the raw vectors.
+    Its distances are those of the reduced vectors: callers re-rank (``search_index``)."""
+    pca = faiss.PCAMatrix(x.shape[1], spec["pca_dim"])
+    pca.train(x[_training_rows(len(x), spec)])
+    reduced = pca.apply(x)
+    inner_spec = {"index": "flat"} if spec["index"] == "pca" else {**spec, "index": "ivf"}
+    index = faiss.IndexPreTransform(pca, build_index(reduced, inner_spec, on_gpu, gpu_device))
+    index.ntotal = len(x)
+    return index
+
+
 def build_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None = None) -> faiss.Index:
-    """Train (for IVF) and fill the index described by ``spec`` (see ``resolve_index``)."""
+    """Train (for IVF and PCA) and fill the index described by ``spec`` (see ``resolve_index``)."""
     n, d = x.shape
     try:
+        if spec["index"] in ("pca", "pca_ivf"):
+            return _pca_index(x, spec, on_gpu, gpu_device)
         if spec["index"] == "flat":
             index = faiss.IndexFlatL2(d)
             if on_gpu:
@@ -183,9 +228,7 @@ def build_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None 
             index = faiss.IndexIVFPQ(quantizer, d, spec["nlist"], spec["pq_m"], 8)
         if on_gpu:  # k-means for the coarse quantizer on the GPU, the usual FAISS recipe
             index.clustering_index = _to_gpu(faiss.IndexFlatL2(d), gpu_device)
-        rng = np.random.default_rng(spec.get("seed", 0))
-        sample = np.sort(rng.choice(n, size=spec["train_sample"], replace=False))
-        index.train(x[sample])
+        index.train(x[_training_rows(n, spec)])
         index.nprobe = spec["nprobe"]
         if on_gpu:
             index = _to_gpu(index, gpu_device)
@@ -201,15 +244,16 @@ def search_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_results`` nearest rows of ``x_db`` (held by ``index``) for each query.
 
-    Returns exact squared L2 distances, ascending, and row numbers of ``x_db``. IVF-PQ
-    candidates are re-ranked with exact distances from ``x_db``. A query that IVF finds
+    Returns exact squared L2 distances, ascending, and row numbers of ``x_db``. The
+    candidates of PCA and IVF-PQ indexes are re-ranked with exact distances from ``x_db``.
+    A query that IVF finds
     fewer than ``n_results`` vectors for (the lists it probes are small) is searched
     exactly instead, so every row is complete; ``x_db`` must hold >= n_results rows.
     """
-    n_search = n_results * _PQ_RERANK_FACTOR if spec["index"] == "ivfpq" else n_results
-    n_search = min(n_search, x_db.shape[0])
+    refined = spec["index"] in _REFINED
+    n_search = min(n_results * spec["refine_factor"] if refined else n_results, x_db.shape[0])
     distances, ids = index.search(queries, n_search)
-    if spec["index"] == "ivfpq":
+    if refined:
         distances, ids = _exact_rerank(x_db, queries, ids, n_results)
     incomplete = np.flatnonzero((ids < 0).any(axis=1))
     if incomplete.size:
@@ -218,17 +262,17 @@ def search_index(
 
 
 def _exact_rerank(x_db: np.ndarray, queries: np.ndarray, ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact distances to candidate rows ``ids`` (-1: none), the ``keep`` nearest first."""
+    """Exact distances to candidate rows ``ids`` (-1: none, at the end of a row), the ``keep``
+    nearest first: FAISS's ``knn_L2sqr_by_idx`` (its re-ranking primitive, multi-threaded); a
+    row with fewer than ``keep`` candidates ends in -1 ids, which ``search_index`` completes."""
     n, n_cand = ids.shape
-    distances = np.empty((n, n_cand), dtype=np.float32)
-    rows = max(1, (64 << 20) // (4 * n_cand * x_db.shape[1]))  # ~64 MB of gathered vectors at a time
-    for start in range(0, n, rows):
-        block = ids[start : start + rows]
-        diff = x_db[np.maximum(block, 0)] - queries[start : start + rows, None, :]
-        distances[start : start + rows] = np.einsum("ijk,ijk->ij", diff, diff)
-    distances[ids < 0] = np.inf
-    order = np.argsort(distances, axis=1, kind="stable")[:, :keep]
-    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    distances = np.empty((n, keep), dtype=np.float32)
+    found = np.empty((n, keep), dtype=np.int64)
+    faiss.knn_L2sqr_by_idx(faiss.swig_ptr(queries), faiss.swig_ptr(x_db), faiss.swig_ptr(ids), x_db.shape[1], n,
+                           x_db.shape[0], n_cand, keep, faiss.swig_ptr(distances), faiss.swig_ptr(found), n_cand)
+    return distances, found
 
 
 def recall_sample(n: int, n_queries: int, seed: int) -> np.ndarray:
@@ -326,11 +370,18 @@ def umap_knn(features: np.ndarray, n_neighbors: int, use_gpu: bool | None = None
 
 def build_search_index(features: np.ndarray, params: IndexParams | None = None) -> tuple[faiss.Index, dict]:
     """The index the kNN graph searched (same type, same parameters: ``resolve_index``), over
-    ``features``, on the CPU so that it can be saved; returns it with its spec."""
+    ``features``, on the CPU so that it can be saved; returns it with its spec. A PCA or PQ
+    index is wrapped in FAISS's IndexRefineFlat, which keeps the raw vectors and re-ranks
+    ``refine_factor`` times the candidates by exact distance, as ``search_index`` does."""
     params = params or IndexParams()
     x = np.ascontiguousarray(features, dtype=np.float32)
     spec = resolve_index(params, len(x), len(x), x.shape[1])
-    return build_index(x, {**spec, "seed": params.seed}, on_gpu=False), spec
+    index = build_index(x, {**spec, "seed": params.seed}, on_gpu=False)
+    if spec["index"] in _REFINED:
+        base, index = index, faiss.IndexRefineFlat(index, faiss.swig_ptr(x))
+        index.k_factor = spec["refine_factor"]
+        index.referenced_objects = [base]  # the refining index does not own its base
+    return index, spec
 
 
 def save_search_index(path, index: faiss.Index) -> None:

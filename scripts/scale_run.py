@@ -1,0 +1,159 @@
+"""A whole run at a size you choose, every stage timed with its own peak memory (issue 19):
+what a team clustering millions of images can expect of this machine.
+
+    python scripts/scale_run.py --n 70000 --out runs/scale-70k
+    python scripts/scale_run.py --n 1000000 --out runs/scale-1m --from ../shared/datasets
+
+The images are MNIST digits (all 70 000, from --from), each drawn at random and warped by its
+own random affine map (rotation ±15°, shift ±10 %, scale ±10 %) with Gaussian noise (σ 0.05)
+added, so that the set has the digits' ten clusters at any N and no two images are equal;
+their labels are the digits, read only by the scorer. Stages, each a process of its own (so
+that its peak resident memory is its own, from the kernel's rusage of that child):
+  make       the labelled images as DIR/set.npz (uint8), in chunks (this process)
+  prepare    `sddecc prepare DIR/set.npz --out DIR/data` (webdataset shards)
+  graph      `sddecc graph DIR/data --index pca_ivf` (recall@3 measured on 1000 queries
+             against exact search, in the graph's metadata)
+  partition  `sddecc partition DIR/data --parts ceil(N / 1000)` (METIS)
+  train      `launch/train.py --config configs/default.yaml` with the settings for millions
+             (pretraining streamed from the shards, the Cluster-GCN sampler) and a fixed
+             schedule: 1 pretraining epoch, the UMAP + GMM start, 1 self-labelling epoch,
+             2 warm-up and 2 joint epochs, then the final inference (spooled, partition-
+             ordered shards) that writes the assignments
+  show       `sddecc show DIR/run` (the page)
+It writes DIR/scale.json: {"n", "stages": {name: {"seconds", "peak_rss_mib"}}, "seconds",
+"peak_rss_mib", "acc", "nmi", "graph": {index, recall}, "train": the schedule}. A stage whose
+output is already there (its marker in DIR/scale.json) is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+from sddecc_dist.graph import load_graph  # noqa: E402
+from sddecc_dist.utils import atomic_write_json, console  # noqa: E402
+
+# The schedule of the train stage: the same at every N, so that seconds per image compare.
+TRAIN = ["train.pretrain_source=shards", "train.pretrain_epochs=1", "train.pretrain_steps=0",
+         "train.self_label_epochs=1", "train.self_label_steps=0", "train.joint_sampler=cluster",
+         "train.partition_size=1000", "train.partitions_per_batch=4", "train.head_warmup_epochs=2",
+         "train.joint_epochs=4", "train.eval_every=1000", "train.checkpoint_every=1000"]
+PARTITION_SIZE = 1000
+CHUNK = 10_000
+
+
+def make_set(n: int, from_dir: Path, path: Path, seed: int) -> None:
+    """N warped, noisy MNIST digits and their labels as an uncompressed .npz of uint8 images."""
+    import torch
+
+    from sddecc_dist.data import load_source
+    from sddecc_dist.data.augment import RandomAffineAugment
+
+    raw = load_source("mnist", from_dir=from_dir / "mnist")
+    source = torch.from_numpy(raw.images.astype(np.float32) / 255.0)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    warp = RandomAffineAugment(degrees=15.0, translate=0.1, scale=0.1)
+    picks = rng.integers(0, len(source), size=n)
+    x = np.empty((n, *source.shape[1:]), dtype=np.uint8)
+    for start in range(0, n, CHUNK):
+        rows = picks[start:start + CHUNK]
+        images = warp(source[rows]) + torch.from_numpy(rng.normal(0, 0.05, (len(rows), *source.shape[1:]))).float()
+        x[start:start + len(rows)] = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, x=x, y=raw.labels[picks])
+    os.replace(temporary, path)
+
+
+def run_stage(name: str, command: list[str], log_path: Path) -> dict:
+    """Run `command` as a child process, its output in `log_path`; its wall time and its own peak
+    resident memory (ru_maxrss of that child, from os.wait4)."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    child.returncode = code  # reaped here, not by Popen.wait
+    if code != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"stage {name} failed (exit {code}); the end of {log_path}:\n{tail}")
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, required=True, help="images")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--from", dest="from_dir", type=Path, default=ROOT.parent / "shared" / "datasets",
+                        help="folder with mnist/ (the raw MNIST files)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value for the train stage, after its schedule")
+    args = parser.parse_args()
+    if args.n < 2 * PARTITION_SIZE:
+        raise SystemExit(f"--n {args.n}: at least {2 * PARTITION_SIZE} images (two partitions of {PARTITION_SIZE})")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result_path = out / "scale.json"
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if result.get("n", args.n) != args.n:
+        raise SystemExit(f"{result_path} is a run of {result['n']} images, not {args.n}: use another --out")
+    result.update(n=args.n, train=TRAIN + args.overrides)
+    stages = result.setdefault("stages", {})
+    data, run = out / "data", out / "run"
+    python, cli = sys.executable, [sys.executable, "-m", "sddecc_dist.cli"]
+    commands = {
+        "prepare": [*cli, "prepare", str(out / "set.npz"), "--out", str(data)],
+        "graph": [*cli, "graph", str(data), "--k", "3", "--index", "pca_ivf"],
+        "partition": [*cli, "partition", str(data), "--k", "3", "--parts", str(math.ceil(args.n / PARTITION_SIZE))],
+        "train": [python, str(ROOT / "launch" / "train.py"), "--config", str(args.config), f"data_dir={data}",
+                  f"output_dir={run}", f"seed={args.seed}", *TRAIN, *args.overrides],
+        "show": [*cli, "show", str(run)],
+    }
+    if "make" not in stages:
+        console.log(f"make: {args.n} warped MNIST digits -> {out / 'set.npz'}")
+        import resource
+
+        started = time.perf_counter()
+        make_set(args.n, args.from_dir, out / "set.npz", args.seed)
+        stages["make"] = {"seconds": round(time.perf_counter() - started, 2),
+                          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        atomic_write_json(result_path, result)
+    for name, command in commands.items():
+        if name in stages:
+            continue
+        console.log(f"{name}: {' '.join(command[1:])}")
+        stages[name] = run_stage(name, command, out / f"{name}.log")
+        console.log(f"{name}: {stages[name]['seconds']} s, peak {stages[name]['peak_rss_mib']} MiB")
+        atomic_write_json(result_path, result)
+
+    meta = load_graph(next(data.glob("graph-k3*.pt")))[1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    result.update(seconds=round(sum(s["seconds"] for s in stages.values()), 2),
+                  peak_rss_mib=max(s["peak_rss_mib"] for s in stages.values()),
+                  acc=metrics.get("acc"), nmi=metrics.get("nmi"), n_used_clusters=metrics.get("n_used_clusters"),
+                  graph={"index": meta.get("index"), "recall": meta.get("recall"),
+                         "recall_method": meta.get("recall_method"), "seconds": meta.get("seconds")})
+    atomic_write_json(result_path, result)
+    console.log(json.dumps({key: result[key] for key in ("n", "seconds", "peak_rss_mib", "acc", "nmi", "graph")}))
+    for name, stage in stages.items():
+        console.log(f"  {name:<10} {stage['seconds']:>9.1f} s {stage['peak_rss_mib']:>9.1f} MiB "
+                    f"{1e6 * stage['seconds'] / args.n:>8.1f} µs/image")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,16 +9,16 @@ own random affine map (rotation ±15°, shift ±10 %, scale ±10 %) with Gaussia
 added, so that the set has the digits' ten clusters at any N and no two images are equal;
 their labels are the digits, read only by the scorer. Stages, each a process of its own (so
 that its peak resident memory is its own, from the kernel's rusage of that child):
-  make       the labelled images as DIR/set.npz (uint8), in chunks (this process)
+  make       the labelled images as DIR/set.npz (uint8), in chunks
   prepare    `sddecc prepare DIR/set.npz --out DIR/data` (webdataset shards)
   graph      `sddecc graph DIR/data --index pca_ivf` (recall@3 measured on 1000 queries
              against exact search, in the graph's metadata)
   partition  `sddecc partition DIR/data --parts ceil(N / 1000)` (METIS)
   train      `launch/train.py --config configs/default.yaml` with the settings for millions
-             (pretraining streamed from the shards, the Cluster-GCN sampler) and a fixed
-             schedule: 1 pretraining epoch, the UMAP + GMM start, 1 self-labelling epoch,
-             2 warm-up and 2 joint epochs, then the final inference (spooled, partition-
-             ordered shards) that writes the assignments
+             (pretraining streamed from the shards, the Cluster-GCN sampler with partitions
+             of 1000 nodes, 4 a step) and a fixed schedule: 2 pretraining epochs, the UMAP +
+             GMM start, 1 self-labelling epoch, a head warm-up of about 500 steps, 2 joint
+             epochs, then the final inference (spooled) that writes the assignments
   show       `sddecc show DIR/run` (the page)
 It writes DIR/scale.json: {"n", "stages": {name: {"seconds", "peak_rss_mib"}}, "seconds",
 "peak_rss_mib", "acc", "nmi", "graph": {index, recall}, "train": the schedule}. A stage whose
@@ -41,16 +41,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from sddecc_dist.graph import load_graph  # noqa: E402
 from sddecc_dist.utils import atomic_write_json, console  # noqa: E402
 
-# The schedule of the train stage: the same at every N, so that seconds per image compare.
-TRAIN = ["train.pretrain_source=shards", "train.pretrain_epochs=1", "train.pretrain_steps=0",
-         "train.self_label_epochs=1", "train.self_label_steps=0", "train.joint_sampler=cluster",
-         "train.partition_size=1000", "train.partitions_per_batch=4", "train.head_warmup_epochs=2",
-         "train.joint_epochs=4", "train.eval_every=1000", "train.checkpoint_every=1000"]
 PARTITION_SIZE = 1000
+PARTITIONS_PER_BATCH = 4
+WARMUP_STEPS = 500  # the GCN learns the start in about as many steps as the full sampler's 500 epochs
 CHUNK = 10_000
+
+
+def train_schedule(n: int) -> list[str]:
+    """The train stage's settings: the recipe's for millions of images (pretraining streamed from
+    the shards, the Cluster-GCN sampler) with a schedule in epochs, the same at every N (so that
+    seconds per image compare), except the head's warm-up, which is about WARMUP_STEPS steps
+    at every N (a few epochs at 1M, 28 at 70 000: the recipe's 500 warm-up epochs are full-graph
+    steps, far too many with the cluster sampler)."""
+    steps_per_epoch = math.ceil(math.ceil(n / PARTITION_SIZE) / PARTITIONS_PER_BATCH)
+    warmup = max(1, math.ceil(WARMUP_STEPS / steps_per_epoch))
+    return ["train.pretrain_source=shards", "train.pretrain_epochs=2", "train.pretrain_steps=0",
+            "train.self_label_epochs=1", "train.self_label_steps=0", "train.joint_sampler=cluster",
+            f"train.partition_size={PARTITION_SIZE}", f"train.partitions_per_batch={PARTITIONS_PER_BATCH}",
+            f"train.head_warmup_epochs={warmup}", f"train.joint_epochs={warmup + 2}", "train.eval_every=1000",
+            "train.checkpoint_every=1000"]
 
 
 def make_set(n: int, from_dir: Path, path: Path, seed: int) -> None:
@@ -79,7 +90,9 @@ def make_set(n: int, from_dir: Path, path: Path, seed: int) -> None:
 
 def run_stage(name: str, command: list[str], log_path: Path) -> dict:
     """Run `command` as a child process, its output in `log_path`; its wall time and its own peak
-    resident memory (ru_maxrss of that child, from os.wait4)."""
+    resident memory (ru_maxrss of that child, from os.wait4). A child's high-water mark starts
+    at this process's resident memory when it forks, so this process imports neither torch nor
+    the data (about 50 MiB)."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -101,8 +114,12 @@ def main() -> int:
                         help="folder with mnist/ (the raw MNIST files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)  # the make stage's process
     parser.add_argument("overrides", nargs="*", help="key=value for the train stage, after its schedule")
     args = parser.parse_args()
+    if args.make_only:
+        make_set(args.n, args.from_dir, args.out / "set.npz", args.seed)
+        return 0
     if args.n < 2 * PARTITION_SIZE:
         raise SystemExit(f"--n {args.n}: at least {2 * PARTITION_SIZE} images (two partitions of {PARTITION_SIZE})")
     out = args.out.resolve()
@@ -111,27 +128,21 @@ def main() -> int:
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if result.get("n", args.n) != args.n:
         raise SystemExit(f"{result_path} is a run of {result['n']} images, not {args.n}: use another --out")
-    result.update(n=args.n, train=TRAIN + args.overrides)
+    schedule = train_schedule(args.n) + args.overrides
+    result.update(n=args.n, train=schedule)
     stages = result.setdefault("stages", {})
     data, run = out / "data", out / "run"
     python, cli = sys.executable, [sys.executable, "-m", "sddecc_dist.cli"]
     commands = {
+        "make": [python, str(Path(__file__).resolve()), "--make-only", "--n", str(args.n), "--out", str(out),
+                 "--from", str(args.from_dir.resolve()), "--seed", str(args.seed)],
         "prepare": [*cli, "prepare", str(out / "set.npz"), "--out", str(data)],
         "graph": [*cli, "graph", str(data), "--k", "3", "--index", "pca_ivf"],
         "partition": [*cli, "partition", str(data), "--k", "3", "--parts", str(math.ceil(args.n / PARTITION_SIZE))],
         "train": [python, str(ROOT / "launch" / "train.py"), "--config", str(args.config), f"data_dir={data}",
-                  f"output_dir={run}", f"seed={args.seed}", *TRAIN, *args.overrides],
+                  f"output_dir={run}", f"seed={args.seed}", *schedule],
         "show": [*cli, "show", str(run)],
     }
-    if "make" not in stages:
-        console.log(f"make: {args.n} warped MNIST digits -> {out / 'set.npz'}")
-        import resource
-
-        started = time.perf_counter()
-        make_set(args.n, args.from_dir, out / "set.npz", args.seed)
-        stages["make"] = {"seconds": round(time.perf_counter() - started, 2),
-                          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-        atomic_write_json(result_path, result)
     for name, command in commands.items():
         if name in stages:
             continue
@@ -139,6 +150,8 @@ def main() -> int:
         stages[name] = run_stage(name, command, out / f"{name}.log")
         console.log(f"{name}: {stages[name]['seconds']} s, peak {stages[name]['peak_rss_mib']} MiB")
         atomic_write_json(result_path, result)
+
+    from sddecc_dist.graph import load_graph  # torch: only now, after the stages
 
     meta = load_graph(next(data.glob("graph-k3*.pt")))[1]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 # One console for all progress and log lines, on stderr so stdout stays clean. Redirected to a
@@ -99,6 +98,8 @@ def fsync_folder(folder: str | Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch  # here, not at the top: the plumbing above serves processes that never load torch
+
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 

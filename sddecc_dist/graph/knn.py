@@ -246,9 +246,9 @@ def search_index(
 
     Returns exact squared L2 distances, ascending, and row numbers of ``x_db``. The
     candidates of PCA and IVF-PQ indexes are re-ranked with exact distances from ``x_db``.
-    A query that IVF finds
-    fewer than ``n_results`` vectors for (the lists it probes are small) is searched
-    exactly instead, so every row is complete; ``x_db`` must hold >= n_results rows.
+    A query that IVF finds fewer than ``n_results`` vectors for (the lists it probes are
+    small) is searched exactly instead, so every row is complete; ``x_db`` must hold >=
+    n_results rows.
     """
     refined = spec["index"] in _REFINED
     n_search = min(n_results * spec["refine_factor"] if refined else n_results, x_db.shape[0])

@@ -18,11 +18,14 @@ def test_gpu_check_without_a_gpu_runs_its_cpu_dry_run(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     text = out.stdout
     assert "no GPU" in text and "CPU dry run" in text
-    for section in ("== 1. the kNN graph", "graph (flat):", "graph (ivf):", "== 2.", "pretraining:",
+    for section in ("== 1. the kNN graph", "graph (flat):", "graph (ivf):", "graph (pca_ivf):", "== 2.", "pretraining:",
                     "joint phase:", "== 3. scripts/bench.py"):
         assert section in text, (section, text[-3000:])
     assert "s per epoch over every node" in text  # the joint phase logged a line with its epochs' time
     bench = json.loads((tmp_path / "check" / "bench" / "bench.json").read_text())
-    assert bench["environment"]["device"] == "cpu" and len(bench["stages"]) == 9
+    assert bench["environment"]["device"] == "cpu"
+    assert [s["stage"] for s in bench["stages"]] == [
+        "shard_read", "knn_exact", "knn_ivf", "knn_pca", "knn_pca_ivf", "adjacency", "partition", "pretrain_step",
+        "joint_step", "inference", "predict"]
     metrics = json.loads((tmp_path / "check" / "run" / "metrics.json").read_text())
     assert metrics["n_samples"] == 1797 and "gpu_peak_memory_mib" not in metrics

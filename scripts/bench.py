@@ -236,12 +236,7 @@ def stage_end_to_end(config_path: Path, config: Config, data_dir: Path, run_dir:
     """The recipe's whole run, timed from outside as a user would. The short run built the kNN
     graph in the data folder and this run reuses it (a user's artifact is not deleted here):
     the graph's own recorded build time is added."""
-    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config_path),
-               f"data_dir={data_dir}", f"output_dir={run_dir}", *overrides]
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device.type == "cpu" else {})}
-    seconds, out = timed(subprocess.run, command, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"the end-to-end run failed:\n{out.stderr[-3000:]}")
+    seconds, _ = timed(train_run, "the end-to-end run", config_path, data_dir, run_dir, device, overrides)
     graph_seconds = load_graph(graph_path(data_dir, config.graph.k, graph_view(config, manifest)))[1]["seconds"]
     seconds += graph_seconds
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -254,20 +249,27 @@ def stage_end_to_end(config_path: Path, config: Config, data_dir: Path, run_dir:
             "floor": f"none measured for {manifest['name']}; this run's ACC {scores['acc']:.4f}", **scores}
 
 
+def train_run(what: str, config_path: Path, data_dir: Path, run_dir: Path, device: torch.device,
+              settings: list[str]) -> None:
+    """`launch/train.py` with the config and `settings`, as a user runs it; exits naming `what`
+    with the end of its stderr if it fails."""
+    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config_path),
+               f"data_dir={data_dir}", f"output_dir={run_dir}", *settings]
+    # the trainer takes a visible GPU by itself: hide it for a CPU benchmark
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device.type == "cpu" else {})}
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
+
+
 def short_run(config_path: Path, data_dir: Path, run_dir: Path, device: torch.device, overrides: list[str]) -> Path:
     """The configured recipe, cut short, as a user runs it: its metrics.jsonl has each
     pretraining epoch's seconds and steps, and each joint line the mean seconds of its epochs."""
     if not RunFolder(run_dir).is_finished:
-        command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config_path),
-                   f"data_dir={data_dir}", f"output_dir={run_dir}", "train.pretrain_epochs=3",
-                   "train.pretrain_steps=0", "train.center_init=kmeans", "train.kmeans_n_init=1",
-                   "train.self_label_epochs=0", "train.head_warmup_epochs=5", "train.joint_epochs=15",
-                   "train.eval_every=5", "train.joint_sampler=full", *overrides]
-        # the trainer takes a visible GPU by itself: hide it for a CPU benchmark
-        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device.type == "cpu" else {})}
-        out = subprocess.run(command, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(f"the short training run failed:\n{out.stderr[-3000:]}")
+        train_run("the short training run", config_path, data_dir, run_dir, device,
+                  ["train.pretrain_epochs=3", "train.pretrain_steps=0", "train.center_init=kmeans",
+                   "train.kmeans_n_init=1", "train.self_label_epochs=0", "train.head_warmup_epochs=5",
+                   "train.joint_epochs=15", "train.eval_every=5", "train.joint_sampler=full", *overrides])
     return run_dir
 
 

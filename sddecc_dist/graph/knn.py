@@ -204,9 +204,7 @@ def _pca_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None) 
     pca.train(x[_training_rows(len(x), spec)])
     reduced = pca.apply(x)
     inner_spec = {"index": "flat"} if spec["index"] == "pca" else {**spec, "index": "ivf"}
-    index = faiss.IndexPreTransform(pca, build_index(reduced, inner_spec, on_gpu, gpu_device))
-    index.ntotal = len(x)
-    return index
+    return faiss.IndexPreTransform(pca, build_index(reduced, inner_spec, on_gpu, gpu_device))
 
 
 def build_index(x: np.ndarray, spec: dict, on_gpu: bool, gpu_device: int | None = None) -> faiss.Index:

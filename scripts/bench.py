@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT))
 from sddecc_dist.config import Config, IndexParams, load_config  # noqa: E402
 from sddecc_dist.data import RawDataset, load_all, read_manifest, write_shards  # noqa: E402
 from sddecc_dist.graph import knn_graph, load_graph, normalized_adjacency, symmetric_adjacency, to_scipy_csr  # noqa: E402
-from sddecc_dist.graph.knn import load_search_index, measure_recall, resolve_use_gpu  # noqa: E402
+from sddecc_dist.graph.knn import measure_recall, resolve_use_gpu  # noqa: E402
 from sddecc_dist.graph.partition import partition_graph  # noqa: E402
 from sddecc_dist.model.sddecc import SDDECC  # noqa: E402
 from sddecc_dist.pipeline import graph_features, graph_path, graph_view  # noqa: E402
@@ -91,7 +91,7 @@ from sddecc_dist.run_folder import RunFolder  # noqa: E402
 from sddecc_dist.train.distributed import make_accelerator  # noqa: E402
 from sddecc_dist.train.inference import final_assignments, node_share, rows_of  # noqa: E402
 from sddecc_dist.train.loop import micro_batch_size  # noqa: E402
-from sddecc_dist.train.predict import predict_images  # noqa: E402
+from sddecc_dist.train.predict import load_predict_state, predict_images  # noqa: E402
 from sddecc_dist.train.samplers import finished_run_adjacency  # noqa: E402
 from sddecc_dist.utils import console  # noqa: E402
 
@@ -376,8 +376,7 @@ def stage_predict(run_dir: Path, images: torch.Tensor, features: np.ndarray, cou
     features, and the encoder's forward of the same images."""
     run = RunFolder(run_dir)
     trained = run.load_model("final")
-    state = torch.load(run.predict_state_path, weights_only=True)
-    index = load_search_index(run.predict_index_path)
+    state, index = load_predict_state(run)
     m = min(count, len(images))
     queries = images[:m]
     seconds, _ = timed(predict_images, trained, queries, state, index, known_as_known=False)

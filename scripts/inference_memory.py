@@ -49,7 +49,7 @@ def main() -> int:
     accelerator = make_accelerator(config)
     share = node_share(config.data_dir, manifest, accelerator.process_index, accelerator.num_processes, chunk)
     graph_seconds = time.perf_counter() - start
-    assignments, _, _ = final_assignments(model, share, adjacency, n, accelerator,
+    assignments, _ = final_assignments(model, share, adjacency, n, accelerator,
                                           spool=run.inference_spool if args.mode == "spooled" else None,
                                           chunk_size=chunk)
     seconds = time.perf_counter() - start

@@ -14,7 +14,8 @@
         .tmp-ckpt-.../           one being written (never read)
         pretrain.pt, final.pt    model files: weights and config (`write_model_file`, `load_model`)
       predict/                   what `sddecc predict` needs of the training graph (train/predict.py):
-        graph_rows.pt            each GCN layer's input rows of every training node, their degrees
+        graph_rows.pt            the training nodes' degrees, assignments and confidence; the index's spec
+        layer-inputs-L.npy       GCN layer L's input rows of every training node (memory-mapped by predict)
         knn.index                the FAISS index of the graph's features
       previous/TIME/             an earlier run of this folder, moved there whole by `--new-version`
       report/                    `sddecc show`'s page: index.html and its PNGs (eval/page.py)
@@ -152,6 +153,10 @@ class RunFolder:
     @property
     def predict_index_path(self) -> Path:
         return self.path / self.PREDICT / "knn.index"
+
+    def predict_layer_inputs_path(self, layer: int) -> Path:
+        """GCN layer `layer`'s input rows of every training node, an (N, width) float32 .npy."""
+        return self.path / self.PREDICT / f"layer-inputs-{layer}.npy"
 
     def model_file(self, name: str) -> Path:
         """checkpoints/pretrain.pt or checkpoints/final.pt."""

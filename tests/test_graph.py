@@ -375,7 +375,7 @@ def test_saved_search_index_of_an_approximate_graph_returns_exact_distances(inde
 
     x = load_digits().data.astype(np.float32)
     params = IndexParams(index=index, pca_dim=16, pq_m=8, nlist=32, nprobe=8)
-    index_built, spec = build_search_index(x, params)
+    index_built, spec = build_search_index(lambda: iter([(np.arange(len(x)), x)]), len(x), x.shape[1], params)
     save_search_index(tmp_path / "knn.index", index_built)
     loaded = load_search_index(tmp_path / "knn.index")
     assert spec["index"] == index and loaded.ntotal == len(x)
@@ -386,6 +386,35 @@ def test_saved_search_index_of_an_approximate_graph_returns_exact_distances(inde
     np.testing.assert_allclose(dist, full[np.arange(len(x))[:, None], idx], rtol=1e-4, atol=1e-2)
     graph_dist, _, _ = knn_graph(x, 5, params, use_gpu=False)
     np.testing.assert_allclose(dist[:, 1:], graph_dist, rtol=1e-4, atol=1e-2)  # the graph's neighbours, as far
+
+
+@pytest.mark.parametrize("index", ["flat", "pca_ivf"])
+def test_search_index_built_from_chunks_in_any_order_equals_the_one_built_at_once(index) -> None:
+    """`predict`'s index is built from the shards a block at a time, in the shards' order (a
+    partitioned dataset's is not the samples'): the same training sample and vectors, so a search
+    returns the same sample ids and distances as the index built from every row at once; chunks
+    that miss or repeat a sample are refused."""
+    from sddecc_dist.graph import build_search_index
+
+    x = load_digits().data.astype(np.float32)
+    n, d = x.shape
+    params = IndexParams(index=index, pca_dim=16, nlist=32, nprobe=8)
+    at_once, _ = build_search_index(lambda: iter([(np.arange(n), x)]), n, d, params)
+    order = np.random.default_rng(0).permutation(n)
+    blocks = [order[i:i + 200] for i in range(0, n, 200)]
+    chunked, _ = build_search_index(lambda: ((ids, x[ids]) for ids in blocks), n, d, params)
+    dist_once, idx_once = at_once.search(x, 6)
+    dist_chunked, idx_chunked = chunked.search(x, 6)
+    np.testing.assert_allclose(dist_chunked, dist_once, rtol=1e-5, atol=1e-4)
+    full = brute_force_sq_dists(x)
+    np.fill_diagonal(full, 0.0)
+    for dist, idx in ((dist_once, idx_once), (dist_chunked, idx_chunked)):  # ids of those distances
+        np.testing.assert_allclose(dist, full[np.arange(n)[:, None], idx], rtol=1e-4, atol=1e-2)
+    assert (idx_chunked == idx_once).mean() > 0.98  # the same ids but for ties (digits' integer pixels)
+    with pytest.raises(GraphError, match="first missing: 1400"):
+        build_search_index(lambda: ((ids, x[ids]) for ids in [np.arange(1400)]), n, d, params)
+    with pytest.raises(GraphError, match="repeat a sample"):
+        build_search_index(lambda: ((ids, x[ids]) for ids in [np.arange(n), np.arange(5)]), n, d, params)
 
 
 def test_ivf_rows_with_too_few_candidates_are_completed_exactly() -> None:

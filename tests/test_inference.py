@@ -2,6 +2,9 @@
 does its spooled form (rows on disk, streamed chunk by chunk); the chunked mean codes (all, or
 a sorted subset) equal the encoder's."""
 
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from sddecc_dist.data import load_all, read_manifest
 from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.pipeline import ensure_graph, prepare_dataset
+from sddecc_dist.train import inference
 from sddecc_dist.train.distributed import make_accelerator
 from sddecc_dist.train.inference import NodeShare, mean_codes, node_share, predict_layerwise, predict_layerwise_spooled
 
@@ -42,12 +46,15 @@ def test_layerwise_chunked_inference_equals_the_full_forward(tmp_path, view, fea
         # the images are read (and encoded) once with pooled features, once per GCN layer without
         assert len(passes) == (1 if features == "pooled" else model.gcn.n_layers)
         # through files, in chunks of 37 nodes that each read their neighbours' rows: the same sums
-        rows_spooled = []
-        spooled = predict_layerwise_spooled(model, share, to_scipy_csr(adjacency), len(images), accelerator,
-                                            tmp_path / "spool", chunk_size=37, layer_inputs=rows_spooled)
+        # (each layer's rows of every node copied out to a .npy, in node blocks of 50)
+        files = lambda layer: tmp_path / f"rows-{layer}.npy"  # noqa: E731
+        with mock.patch.object(inference, "_COPY_ROWS", 50):
+            spooled = predict_layerwise_spooled(model, share, to_scipy_csr(adjacency), len(images), accelerator,
+                                                tmp_path / "spool", chunk_size=37, layer_input_files=files)
         assert torch.equal(spooled, y)
-        assert len(rows_spooled) == len(rows_in_memory) == model.gcn.n_layers
-        assert all(torch.equal(a, b) for a, b in zip(rows_spooled, rows_in_memory))
+        assert len(rows_in_memory) == model.gcn.n_layers and not files(model.gcn.n_layers).exists()
+        assert all(torch.equal(torch.from_numpy(np.load(files(layer))), rows)
+                   for layer, rows in enumerate(rows_in_memory))
         assert not (tmp_path / "spool").exists()  # its files are removed
         # the mean codes: of every node, and of a sorted subset (only those encoded)
         with torch.no_grad():

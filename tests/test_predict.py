@@ -15,11 +15,11 @@ from PIL import Image
 
 from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, load_all
-from sddecc_dist.graph import load_search_index, to_scipy_csr
+from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph, graph_features
 from sddecc_dist.run_folder import RunFolder, load_model
 from sddecc_dist.train.loop import train
-from sddecc_dist.train.predict import predict, predict_images
+from sddecc_dist.train.predict import load_predict_state, predict, predict_images
 
 from conftest import short_digits_run
 
@@ -69,8 +69,7 @@ def test_a_new_image_gets_what_the_gcn_gives_it_as_one_more_node(run):
     training rows unchanged). Its last rows equal predict's, to float precision."""
     data, folder = run
     trained = load_model(folder.model_file("final"))
-    state = torch.load(folder.predict_state_path, weights_only=True)
-    index = load_search_index(folder.predict_index_path)
+    state, index = load_predict_state(folder)
     images, _ = load_all(data)
     new = (images[:5] + 0.05 * torch.rand(images[:5].shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     clusters, confidence, _ = predict_images(trained, new, state, index)

@@ -24,8 +24,10 @@ from sddecc_dist.model.gcn import propagate, smooth
 from sddecc_dist.model.initial_partition import initial_partition, umap_neighbours
 from sddecc_dist.model.sddecc import SDDECC
 from sddecc_dist.train.distributed import gather_rows
+from sddecc_dist.utils import atomic_write_bytes
 
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # global ids, images, labels (-1: none)
+_COPY_ROWS = 65536  # nodes per block when a layer's rows are copied out of the spool
 
 
 @dataclass
@@ -97,7 +99,7 @@ def predict_layerwise(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix |
 @torch.no_grad()
 def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
                               accelerator: Accelerator, spool: Path, chunk_size: int = 4096,
-                              layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+                              layer_input_files: Callable[[int], Path] | None = None) -> torch.Tensor:
     """Y for this rank's share, as `predict_layerwise` computes it, with no (N, width) matrix in
     memory: each layer's rows go to disk and come back chunk by chunk.
 
@@ -109,8 +111,9 @@ def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_
     images, rows and neighbour rows, the rank's rows of Â and a few numbers per node (which rank
     holds it, where); the files are memory-mapped only while a chunk reads them. SPOOL must be a
     folder every rank sees (the run folder). The same sums in the same order as the in-memory
-    path, so the same Y. `layer_inputs` (main process) receives each layer's rows of every node,
-    as `predict_layerwise` gives them, for `predict`'s state."""
+    path, so the same Y. `layer_input_files` (main process): layer l's rows of every node, as
+    `predict_layerwise` gives them, are copied from the spool into the file it names for l, a
+    block of nodes at a time (`predict`'s state)."""
     was_training = core.training
     core.eval()
     if not core.use_gcn:
@@ -133,8 +136,10 @@ def predict_layerwise_spooled(core: SDDECC, share: NodeShare, adjacency: sp.csr_
         _write_layer_inputs(core, share, layer, h_file, rows_file, device)
         accelerator.wait_for_everyone()  # every rank's rows of this layer are on disk
         files = [spool / f"rows-{layer}-rank-{r}.npy" for r in range(world)]
-        if layer_inputs is not None:
-            layer_inputs.append(_read_rows(files, holders[:, 0], holders[:, 1]))
+        if layer_input_files is not None:
+            write_rows_npy(layer_input_files(layer), n, (_read_rows(files, holders[start:start + _COPY_ROWS, 0],
+                                                                    holders[start:start + _COPY_ROWS, 1]).numpy()
+                                                         for start in range(0, n, _COPY_ROWS)))
         out, next_h_file = None, spool / f"h-{layer}-rank-{rank}.npy"
         for start in range(0, len(share.ids), chunk_size):
             block = own_adjacency[start:start + chunk_size]
@@ -213,6 +218,26 @@ def _write_layer_inputs(core: SDDECC, share: NodeShare, layer: int, h_file: Path
     del out
 
 
+def write_rows_npy(path: Path, n: int, blocks: Iterator[np.ndarray]) -> None:
+    """An (n, width) float32 .npy at `path` from consecutive row blocks, streamed into a
+    temporary file and renamed into place (atomic_write_bytes): one block in memory at a time."""
+    def write(f) -> None:
+        header_written, rows = False, 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if not header_written:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(block.dtype), "fortran_order": False,
+                        "shape": (n, block.shape[1])})
+                header_written = True
+            f.write(block.tobytes())
+            rows += len(block)
+        if rows != n:
+            raise RuntimeError(f"{path}: {rows} rows written, expected {n}")
+
+    atomic_write_bytes(path, write)
+
+
 def _read_rows(files: list[Path], holder: np.ndarray, row: np.ndarray) -> torch.Tensor:
     """Rows (len(holder), width): row `row[i]` of the file of rank `holder[i]`, each file
     memory-mapped only while it is read."""
@@ -238,19 +263,23 @@ def assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None,
 
 def final_assignments(core: SDDECC, share: NodeShare, adjacency: sp.csr_matrix | None, n: int,
                       accelerator: Accelerator, spool: Path | None = None, chunk_size: int = 4096,
-                      ) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor] | None]:
-    """(argmax_j Y_ij, max_j Y_ij, each GCN layer's input rows) of every node: the run's
-    assignments and their confidence on every rank, and on the main process what `predict`
-    needs of the training graph (None elsewhere, and without a GCN). With `spool`, the layers'
-    rows go through files there (`predict_layerwise_spooled`) instead of memory."""
-    layer_inputs = [] if core.use_gcn and accelerator.is_main_process else None
+                      layer_input_files: Callable[[int], Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax_j Y_ij, max_j Y_ij) of every node: the run's assignments and their confidence,
+    on every rank. With `spool`, the layers' rows go through files there
+    (`predict_layerwise_spooled`) instead of memory. `layer_input_files`: where the main process
+    writes each GCN layer's input rows of every node, what `predict` needs of the training
+    graph (`RunFolder.predict_layer_inputs_path`; nothing is written without a GCN)."""
+    files = layer_input_files if core.use_gcn and accelerator.is_main_process else None
     if spool is None:
+        layer_inputs = [] if files is not None else None
         y = predict_layerwise(core, share, adjacency, n, accelerator, layer_inputs)
+        for layer, rows in enumerate(layer_inputs or []):
+            write_rows_npy(files(layer), n, iter([rows.numpy()]))
     else:
-        y = predict_layerwise_spooled(core, share, adjacency, n, accelerator, spool, chunk_size, layer_inputs)
+        y = predict_layerwise_spooled(core, share, adjacency, n, accelerator, spool, chunk_size, files)
     confidence, labels = y.max(1)
     gathered = gather_rows(accelerator, share.ids, torch.stack([labels.float(), confidence], 1).to(accelerator.device), n)
-    return gathered[:, 0].long().cpu().numpy(), gathered[:, 1].cpu().numpy(), layer_inputs
+    return gathered[:, 0].long().cpu().numpy(), gathered[:, 1].cpu().numpy()
 
 
 def gather_labels(share: NodeShare, n: int, accelerator: Accelerator) -> np.ndarray | None:

@@ -463,12 +463,13 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
             manifest: dict) -> dict:
     """The final assignments (the last epoch's model, no label-based selection), metrics, the
     final checkpoint and model file."""
-    confidence = layer_inputs = None
+    confidence = None
     if joint_epochs > 0:
-        # through files in the run folder, not memory: bounded per rank whatever N (inference.py)
-        assignments, confidence, layer_inputs = inference.final_assignments(
+        # through files in the run folder, not memory: bounded per rank whatever N (inference.py);
+        # each GCN layer's input rows also go to predict/, for `sddecc predict`
+        assignments, confidence = inference.final_assignments(
             t.core, t.share, t.sampler.adjacency_sp, t.n, t.accelerator, spool=t.run.inference_spool,
-            chunk_size=t.config.train.inference_batch_size)
+            chunk_size=t.config.train.inference_batch_size, layer_input_files=t.run.predict_layer_inputs_path)
     elif t.state.start_self_labelled:  # no joint phase after the stage: its partition is the result
         assignments = t.run.read_self_label_assignments()
         # the confidence: the stage's classifier's probability of each sample's cluster (the
@@ -518,12 +519,10 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         t.run.write_model_file("final", t.core, t.config, "joint", joint_epochs)
         t.run.write_assignments(assignments)
         t.run.write_assignments_csv(sample_keys(t.config.data_dir, manifest), assignments, confidence)
-        if layer_inputs is not None:  # what `sddecc predict` needs: a joint phase with the GCN
-            images = t.sampler.images_in_memory
-            images = load_all(t.config.data_dir, manifest)[0] if images is None else images
+        if joint_epochs > 0 and t.core.use_gcn:  # what `sddecc predict` needs: a joint phase with the GCN
             cut_along = start if t.config.train.joint_graph == "within_start" else None
-            save_predict_state(t.run, t.config, manifest, images, layer_inputs, t.sampler.adjacency_sp, cut_along,
-                               assignments, confidence)
+            save_predict_state(t.run, t.config, manifest, t.core.gcn.n_layers, t.sampler.adjacency_sp, cut_along,
+                               assignments, confidence, images=t.sampler.images_in_memory)
         t.run.write_metrics(result)
     log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")

@@ -7,7 +7,7 @@ compared (RUN/predict/knn.index); the training nodes keep their rows. GCN layer 
     h_x = p_x / d_x + sum_j p_j / sqrt(d_x d_j),   d_x = k + 1,
 
 p_x being its own row-wise layer input ([(1-δ)H + δZ] W, from its own encoding), p_j the input
-rows of its neighbours in the final inference (RUN/predict/graph_rows.pt) and d_j their degrees
+rows of its neighbours in the final inference (RUN/predict/layer-inputs-L.npy) and d_j their degrees
 in the training graph (the graph the final model was trained on, cut or not). A query equal to a
 training image (distance 0) is that image: it gets that node's result of the final inference
 (with --as-new, a new node whose neighbours are the next k, as in the graph, which leaves a node
@@ -25,25 +25,45 @@ import scipy.sparse as sp
 import torch
 
 from sddecc_dist.config import Config
-from sddecc_dist.data import DataError, load_all, load_source, sample_key, sample_keys
+from sddecc_dist.data import DataError, load_all, load_source, sample_key, sample_keys, stream_share
 from sddecc_dist.graph import build_search_index, load_search_index, save_search_index
 from sddecc_dist.pipeline import graph_features, graph_view
 from sddecc_dist.run_folder import RunFolder, RunFolderError, TrainedModel, assignments_csv, load_model
 from sddecc_dist.utils import atomic_torch_save, atomic_write_bytes
 
-GRAPH_ROWS_FORMAT = 1
+# 2: the layers' input rows in predict/layer-inputs-L.npy (memory-mapped), the index an IndexIDMap;
+# 1: the rows inside graph_rows.pt (still read)
+GRAPH_ROWS_FORMAT = 2
+_INDEX_CHUNK = 8192  # images per block when predict's index is built from the shards
 
 
-def save_predict_state(run: RunFolder, config: Config, manifest: dict, images: torch.Tensor,
-                       layer_inputs: list[torch.Tensor], adjacency: sp.csr_matrix, cut_along: np.ndarray | None,
-                       assignments: np.ndarray, confidence: np.ndarray) -> None:
-    """Write what `predict` needs of the training graph (main process, after the final inference):
-    `cut_along` is the partition the joint phase's graph was cut along (train.joint_graph=
-    within_start), else None; `assignments` and `confidence` the final inference's."""
-    view = graph_view(config, manifest)
-    index, spec = build_search_index(graph_features(images, view), config.graph)
+def save_predict_state(run: RunFolder, config: Config, manifest: dict, n_layers: int, adjacency: sp.csr_matrix,
+                       cut_along: np.ndarray | None, assignments: np.ndarray, confidence: np.ndarray,
+                       images: torch.Tensor | None = None) -> None:
+    """Write what `predict` needs of the training graph (main process, after the final inference,
+    which wrote each of the GCN's `n_layers` layers' input rows to `run.predict_layer_inputs_path(l)`): `cut_along` is
+    the partition the joint phase's graph was cut along (train.joint_graph=within_start), else
+    None; `assignments` and `confidence` the final inference's. The FAISS index is built from
+    `images` when the trainer holds them, else from the shards a block at a time, so that only
+    the index itself grows with N (build_search_index)."""
+    view, n = graph_view(config, manifest), int(manifest["count"])
+    missing = [run.predict_layer_inputs_path(layer) for layer in range(n_layers)
+               if not run.predict_layer_inputs_path(layer).is_file()]
+    if missing:
+        raise RunFolderError(f"run {run.path}: no {missing[0]} (the final inference writes it)")
+
+    def chunks():
+        if images is not None:
+            for start in range(0, n, _INDEX_CHUNK):
+                yield np.arange(start, min(start + _INDEX_CHUNK, n)), graph_features(images[start:start + _INDEX_CHUNK], view)
+        else:
+            for ids, x, _ in stream_share(config.data_dir, _INDEX_CHUNK, 0, 1, manifest):
+                yield ids.numpy(), graph_features(x, view)
+
+    d = graph_features(torch.zeros(1, *manifest["image_shape"]), view).shape[1]
+    index, spec = build_search_index(chunks, n, d, config.graph)
     degrees = 1.0 / adjacency.diagonal()  # Â_jj = 1 / d_j: D^-1/2 (A + I) D^-1/2 with no self-edge in A
-    atomic_torch_save({"format_version": GRAPH_ROWS_FORMAT, "layer_inputs": [t.float() for t in layer_inputs],
+    atomic_torch_save({"format_version": GRAPH_ROWS_FORMAT, "n_layers": n_layers,
                        "degrees": torch.from_numpy(np.asarray(degrees, dtype=np.float32)), "k": config.graph.k,
                        "view": view, "index": spec,
                        "cut_along": None if cut_along is None else torch.from_numpy(np.asarray(cut_along)),
@@ -51,6 +71,24 @@ def save_predict_state(run: RunFolder, config: Config, manifest: dict, images: t
                        "confidence": torch.from_numpy(np.asarray(confidence, dtype=np.float32))},
                       run.predict_state_path)
     save_search_index(run.predict_index_path, index)
+
+
+def load_predict_state(run: RunFolder) -> tuple[dict, object]:
+    """(state, FAISS index) that `save_predict_state` wrote: state["layer_inputs"][l] is layer
+    l's (N, width) rows, memory-mapped (format 2) so that a lookup reads only the rows it needs."""
+    if not run.predict_state_path.is_file() or not run.predict_index_path.is_file():
+        raise RunFolderError(f"run {run.path}: no {run.predict_state_path.parent.name}/ folder (written by the "
+                             f"final inference since predict exists); rerun the training to get one")
+    state = torch.load(run.predict_state_path, weights_only=True)
+    version = state.get("format_version")
+    if version == 1:
+        state["layer_inputs"] = [rows.numpy() for rows in state["layer_inputs"]]
+    elif version == GRAPH_ROWS_FORMAT:
+        state["layer_inputs"] = [np.load(run.predict_layer_inputs_path(layer), mmap_mode="r")
+                                 for layer in range(state["n_layers"])]
+    else:
+        raise RunFolderError(f"{run.predict_state_path} has format {version}, expected 1 or {GRAPH_ROWS_FORMAT}")
+    return state, load_search_index(run.predict_index_path)
 
 
 def read_images(source: str | Path, image_shape: tuple, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -104,7 +142,8 @@ def predict_images(trained: TrainedModel, images: torch.Tensor, state: dict | No
             h, representations = None, core.gcn_representations(encoded)
             for layer in range(core.gcn.n_layers):
                 own = core.gcn.layer_input(layer, core.gcn_input(x), h, representations[layer - 1] if layer else None)
-                h = own / d_x + torch.einsum("bk,bkw->bw", weights, state["layer_inputs"][layer][near])
+                rows = torch.from_numpy(np.asarray(state["layer_inputs"][layer][near.numpy()]))
+                h = own / d_x + torch.einsum("bk,bkw->bw", weights, rows)
                 if layer < core.gcn.n_layers - 1:
                     h = torch.relu(h)
             y = torch.softmax(h, dim=1)
@@ -146,14 +185,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
     trained = load_model(run.model_file("final"))
     state = index = None
     if trained.model.use_gcn:
-        if not run.predict_state_path.is_file() or not run.predict_index_path.is_file():
-            raise RunFolderError(f"run {run.path}: no {run.predict_state_path.parent.name}/ folder (written by the "
-                                 f"final inference since predict exists); rerun the training to get one")
-        state = torch.load(run.predict_state_path, weights_only=True)
-        if state.get("format_version") != GRAPH_ROWS_FORMAT:
-            raise RunFolderError(f"{run.predict_state_path} has format {state.get('format_version')}, expected "
-                                 f"{GRAPH_ROWS_FORMAT}")
-        index = load_search_index(run.predict_index_path)
+        state, index = load_predict_state(run)
     images, keys = read_images(source, tuple(trained.manifest["image_shape"]), size)
     start = time.perf_counter()
     clusters, confidence, codes = predict_images(trained, images, state, index, with_codes=with_codes,

@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, load_all
+from sddecc_dist.data.partitioned import write_partitioned_shards
 from sddecc_dist.graph import to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph, graph_features
 from sddecc_dist.run_folder import RunFolder, load_model
@@ -61,6 +63,16 @@ def test_predicting_the_training_images_gives_back_the_run_assignments(run, tmp_
                        == folder.read_assignments()).mean())
     print(f"training images as new nodes: {agreement:.4f} agree; {result['images_per_second']:.0f} images/s")
     assert agreement >= 0.97
+    # the same images stored in another order (partitioned shards), read in blocks of 100: the
+    # same table, row i for sample i
+    n = len(rows)
+    parts = np.random.default_rng(0).permutation(np.arange(n) % 6)
+    write_partitioned_shards(data, parts, tmp_path / "reordered", 2)
+    with mock.patch("sddecc_dist.train.predict._PREDICT_BLOCK", 100), \
+            mock.patch("sddecc_dist.train.predict.predict_images", wraps=predict_images) as blocks:
+        predict(folder.path, tmp_path / "reordered", tmp_path / "reordered.csv", with_codes=True)
+    assert blocks.call_count == -(-n // 100)
+    assert _table(tmp_path / "reordered.csv") == rows
 
 
 def test_a_new_image_gets_what_the_gcn_gives_it_as_one_more_node(run):

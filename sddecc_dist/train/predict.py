@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,18 @@ import scipy.sparse as sp
 import torch
 
 from sddecc_dist.config import Config
-from sddecc_dist.data import DataError, load_all, load_source, sample_key, sample_keys, stream_share
+from sddecc_dist.data import DataError, load_source, read_manifest, sample_key, sample_keys, stream_share, verify_shards
 from sddecc_dist.graph import build_search_index, load_search_index, save_search_index
 from sddecc_dist.pipeline import graph_features, graph_view
 from sddecc_dist.run_folder import RunFolder, RunFolderError, TrainedModel, assignments_csv, load_model
+from sddecc_dist.train.distributed import progress_bars
 from sddecc_dist.utils import atomic_torch_save, atomic_write_bytes
 
 # 2: the layers' input rows in predict/layer-inputs-L.npy (memory-mapped), the index an IndexIDMap;
 # 1: the rows inside graph_rows.pt (still read)
 GRAPH_ROWS_FORMAT = 2
 _INDEX_CHUNK = 8192  # images per block when predict's index is built from the shards
+_PREDICT_BLOCK = 8192  # images per block that predict reads, searches and assigns
 
 
 def save_predict_state(run: RunFolder, config: Config, manifest: dict, n_layers: int, adjacency: sp.csr_matrix,
@@ -91,23 +94,35 @@ def load_predict_state(run: RunFolder) -> tuple[dict, object]:
     return state, load_search_index(run.predict_index_path)
 
 
-def read_images(source: str | Path, image_shape: tuple, size: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Images (N, C, H, W) float32 in [0, 1] and a key for each: a prepared folder (its samples'
-    keys), an image folder (each file's path inside it), an .npz or a named set (the index)."""
+def image_blocks(source: str | Path, image_shape: tuple, size: int | None = None,
+                 block: int | None = None) -> tuple[list[str], Iterator[tuple[np.ndarray, torch.Tensor]]]:
+    """A key for every image of `source` and its images in blocks of `block`: (positions in
+    the key list, images (b, C, H, W) float32 in [0, 1]). A prepared folder (its samples' keys)
+    is streamed from its shards, in their stored order (checksums verified first); an image
+    folder (each file's path inside it), an .npz or a named set (the index) is read whole, as
+    stored, and converted to floats a block at a time. `block` defaults to _PREDICT_BLOCK."""
+    block = block or _PREDICT_BLOCK
     path = Path(source)
     if (path / "dataset.json").is_file():
-        images, _ = load_all(path)
-        keys = sample_keys(path)
-    else:
-        raw = load_source(source, size=size)
-        lo, hi = raw.value_range
-        images = torch.from_numpy((raw.images.astype(np.float32) - lo) / (hi - lo))
-        keys = raw.keys or [sample_key(i) for i in range(len(images))]
-    if tuple(images.shape[1:]) != tuple(image_shape):
-        hint = " (an image folder takes --size)" if not (path / "dataset.json").is_file() else ""
-        raise DataError(f"{source}: images of shape {tuple(images.shape[1:])} (C, H, W), but the run was trained on "
-                        f"{tuple(image_shape)}{hint}")
-    return images, keys
+        manifest = read_manifest(path)
+        _check_shape(source, tuple(manifest["image_shape"]), image_shape, "")
+        verify_shards(path, manifest)
+        blocks = ((ids.numpy(), x) for ids, x, _ in stream_share(path, block, 0, 1, manifest))
+        return sample_keys(path, manifest), blocks
+    raw = load_source(source, size=size)
+    _check_shape(source, tuple(raw.images.shape[1:]), image_shape, " (an image folder takes --size)")
+    lo, hi = raw.value_range
+    n = len(raw.images)
+    blocks = ((np.arange(start, min(start + block, n)),
+               torch.from_numpy((raw.images[start:start + block].astype(np.float32) - lo) / (hi - lo)))
+              for start in range(0, n, block))
+    return raw.keys or [sample_key(i) for i in range(n)], blocks
+
+
+def _check_shape(source, shape: tuple, expected: tuple, hint: str) -> None:
+    if shape != tuple(expected):
+        raise DataError(f"{source}: images of shape {shape} (C, H, W), but the run was trained on "
+                        f"{tuple(expected)}{hint}")
 
 
 @torch.no_grad()
@@ -186,13 +201,23 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
     state = index = None
     if trained.model.use_gcn:
         state, index = load_predict_state(run)
-    images, keys = read_images(source, tuple(trained.manifest["image_shape"]), size)
-    start = time.perf_counter()
-    clusters, confidence, codes = predict_images(trained, images, state, index, with_codes=with_codes,
-                                                 known_as_known=not as_new)
-    seconds = time.perf_counter() - start
+    keys, blocks = image_blocks(source, tuple(trained.manifest["image_shape"]), size)
+    n, seconds = len(keys), 0.0
+    clusters, confidence = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+    codes = np.empty((n, trained.config.model.latent_dim), dtype=np.float32) if with_codes else None
+    with progress_bars() as progress:
+        task = progress.add_task("predict", total=n, status="")
+        for positions, images in blocks:  # one block of images in memory at a time
+            start = time.perf_counter()
+            block_clusters, block_confidence, block_codes = predict_images(
+                trained, images, state, index, with_codes=with_codes, known_as_known=not as_new)
+            seconds += time.perf_counter() - start
+            clusters[positions], confidence[positions] = block_clusters, block_confidence
+            if with_codes:
+                codes[positions] = block_codes
+            progress.advance(task, len(positions))
     _write_table(out, keys, clusters, confidence, codes)
-    return {"images": len(images), "seconds": seconds, "images_per_second": len(images) / max(seconds, 1e-9),
+    return {"images": n, "seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
             "clusters_used": int(len(np.unique(clusters))), "out": str(out)}
 
 

@@ -3,11 +3,13 @@ its assignments, a new image gets what the GCN over the training graph with that
 gives (closed-form check with the model's own full-graph forward), keys and formats."""
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
+import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -17,9 +19,9 @@ from PIL import Image
 from sddecc_dist.config import load_config
 from sddecc_dist.data import DataError, load_all
 from sddecc_dist.data.partitioned import write_partitioned_shards
-from sddecc_dist.graph import to_scipy_csr
+from sddecc_dist.graph import load_search_index, save_search_index, to_scipy_csr
 from sddecc_dist.pipeline import ensure_graph, graph_features
-from sddecc_dist.run_folder import RunFolder, load_model
+from sddecc_dist.run_folder import RunFolder, RunFolderError, load_model
 from sddecc_dist.train.loop import train
 from sddecc_dist.train.predict import load_predict_state, predict, predict_images
 
@@ -127,6 +129,29 @@ def test_image_folder_keys_shapes_and_the_command_line(run, tmp_path):
     assert scored[0].returncode == 0 and scored[0].stdout == scored[1].stdout and scored[0].stdout.startswith("acc ")
     with pytest.raises(DataError, match=r"images of shape \(1, 16, 16\).*trained on \(1, 8, 8\).*--size"):
         predict(folder.path, pictures, tmp_path / "x.csv", size=16)
+
+
+def test_a_run_folder_of_the_first_predict_format_is_still_read(run, tmp_path):
+    """Run folders written before the rows moved to predict/layer-inputs-L.npy (format 1: the
+    rows inside graph_rows.pt, a plain index without the id map) predict the same table."""
+    data, folder = run
+    old = RunFolder(tmp_path / "old")
+    shutil.copytree(folder.path, old.path)
+    state, _ = load_predict_state(folder)
+    for layer in range(state["n_layers"]):
+        old.predict_layer_inputs_path(layer).unlink()
+    state = {**state, "format_version": 1, "layer_inputs": [torch.from_numpy(np.array(r)) for r in state["layer_inputs"]]}
+    del state["n_layers"]
+    torch.save(state, old.predict_state_path)
+    index = load_search_index(folder.predict_index_path)
+    save_search_index(old.predict_index_path, faiss.downcast_index(index.index))  # the index inside the id map
+    predict(folder.path, data, tmp_path / "now.csv", as_new=True)
+    predict(old.path, data, tmp_path / "old.csv", as_new=True)
+    assert _table(tmp_path / "old.csv") == _table(tmp_path / "now.csv")
+    state["format_version"] = 3
+    torch.save(state, old.predict_state_path)
+    with pytest.raises(RunFolderError, match="format 3, expected 1 or 2"):
+        predict(old.path, data, tmp_path / "x.csv")
 
 
 def test_parquet_output_holds_the_same_table(run, tmp_path):

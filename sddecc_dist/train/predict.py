@@ -204,6 +204,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
     keys, blocks = image_blocks(source, tuple(trained.manifest["image_shape"]), size)
     n, seconds = len(keys), 0.0
     clusters, confidence = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
     codes = np.empty((n, trained.config.model.latent_dim), dtype=np.float32) if with_codes else None
     with progress_bars() as progress:
         task = progress.add_task("predict", total=n, status="")
@@ -212,10 +213,12 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
             block_clusters, block_confidence, block_codes = predict_images(
                 trained, images, state, index, with_codes=with_codes, known_as_known=not as_new)
             seconds += time.perf_counter() - start
-            clusters[positions], confidence[positions] = block_clusters, block_confidence
+            clusters[positions], confidence[positions], filled[positions] = block_clusters, block_confidence, True
             if with_codes:
                 codes[positions] = block_codes
             progress.advance(task, len(positions))
+    if not filled.all():
+        raise DataError(f"{source}: image {int(np.argmin(filled))} of {n} never arrived from its shards")
     _write_table(out, keys, clusters, confidence, codes)
     return {"images": n, "seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
             "clusters_used": int(len(np.unique(clusters))), "out": str(out)}

@@ -70,7 +70,7 @@ def test_predicting_the_training_images_gives_back_the_run_assignments(run, tmp_
     n = len(rows)
     parts = np.random.default_rng(0).permutation(np.arange(n) % 6)
     write_partitioned_shards(data, parts, tmp_path / "reordered", 2)
-    with mock.patch("sddecc_dist.train.predict._PREDICT_BLOCK", 100), \
+    with mock.patch("sddecc_dist.train.predict._BLOCK", 100), \
             mock.patch("sddecc_dist.train.predict.predict_images", wraps=predict_images) as blocks:
         predict(folder.path, tmp_path / "reordered", tmp_path / "reordered.csv", with_codes=True)
     assert blocks.call_count == -(-n // 100)

@@ -36,8 +36,7 @@ from sddecc_dist.utils import atomic_torch_save, atomic_write_bytes
 # 2: the layers' input rows in predict/layer-inputs-L.npy (memory-mapped), the index an IndexIDMap;
 # 1: the rows inside graph_rows.pt (still read)
 GRAPH_ROWS_FORMAT = 2
-_INDEX_CHUNK = 8192  # images per block when predict's index is built from the shards
-_PREDICT_BLOCK = 8192  # images per block that predict reads, searches and assigns
+_BLOCK = 8192  # images in memory at a time: when the index is built, when predict reads, searches and assigns
 
 
 def save_predict_state(run: RunFolder, config: Config, manifest: dict, n_layers: int, adjacency: sp.csr_matrix,
@@ -57,10 +56,10 @@ def save_predict_state(run: RunFolder, config: Config, manifest: dict, n_layers:
 
     def chunks():
         if images is not None:
-            for start in range(0, n, _INDEX_CHUNK):
-                yield np.arange(start, min(start + _INDEX_CHUNK, n)), graph_features(images[start:start + _INDEX_CHUNK], view)
+            for start in range(0, n, _BLOCK):
+                yield np.arange(start, min(start + _BLOCK, n)), graph_features(images[start:start + _BLOCK], view)
         else:
-            for ids, x, _ in stream_share(config.data_dir, _INDEX_CHUNK, 0, 1, manifest):
+            for ids, x, _ in stream_share(config.data_dir, _BLOCK, 0, 1, manifest):
                 yield ids.numpy(), graph_features(x, view)
 
     d = graph_features(torch.zeros(1, *manifest["image_shape"]), view).shape[1]
@@ -100,8 +99,8 @@ def image_blocks(source: str | Path, image_shape: tuple, size: int | None = None
     the key list, images (b, C, H, W) float32 in [0, 1]). A prepared folder (its samples' keys)
     is streamed from its shards, in their stored order (checksums verified first); an image
     folder (each file's path inside it), an .npz or a named set (the index) is read whole, as
-    stored, and converted to floats a block at a time. `block` defaults to _PREDICT_BLOCK."""
-    block = block or _PREDICT_BLOCK
+    stored, and converted to floats a block at a time. `block` defaults to _BLOCK."""
+    block = block or _BLOCK
     path = Path(source)
     if (path / "dataset.json").is_file():
         manifest = read_manifest(path)

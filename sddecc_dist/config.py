@@ -108,7 +108,9 @@ class ModelConfig:
     strides: list[int] | Literal["auto"] = param(
         factory=lambda: [2, 2], min=1, help="encoder stride per layer (the paper leaves it open); auto: 2 while the "
                                             "feature map stays at least 4 wide, then 1")
-    latent_dim: int = param(10, min=1, help="dimension of the Gaussian code z")
+    latent_dim: int | Literal["auto"] = param(
+        10, min=1, help="dimension of the Gaussian code z; auto: max(10, K), the paper's 10 up to 10 clusters and "
+                        "one dimension per cluster above (docs/method.md)")
     local_layer: int | None = param(None, min=1, help="encoder layer (1-based) whose feature map C_ij feeds the "
                                                       "local discriminator T2; None: the middle, ceil(L / 2)")
     global_disc_hidden: int = param(256, min=1, help="T1's hidden width (Deep InfoMax, 3 hidden layers)")

@@ -226,6 +226,19 @@ def test_auto_strides_keep_a_top_map_of_at_least_four():
     assert model.decoder(model.encode(x).mean).shape == x.shape
 
 
+@pytest.mark.parametrize("n_clusters, latent_dim", [(2, 10), (10, 10), (20, 20), (40, 40)])
+def test_auto_latent_dim_is_ten_or_one_per_cluster(n_clusters, latent_dim):
+    """model.latent_dim=auto: the paper's 10 up to 10 clusters, K above; the code, the decoder's
+    input and the centres μ_y all take that width (predict and the page read it from the model)."""
+    model = SDDECC((1, 8, 8), n_clusters, ModelConfig(channels=[4, 8], latent_dim="auto"))
+    assert model.latent_dim == latent_dim
+    encoded = model.encode(torch.rand(3, 1, 8, 8))
+    assert encoded.mean.shape == encoded.logvar.shape == (3, latent_dim)
+    assert model.decoder(encoded.mean).shape == (3, 1, 8, 8)
+    assert model.centers.shape == (n_clusters, latent_dim)
+    assert SDDECC((1, 8, 8), n_clusters, ModelConfig(channels=[4, 8], latent_dim=7)).latent_dim == 7
+
+
 def test_pooled_gcn_features_average_each_feature_map():
     """model.gcn_features=pooled: Eq. 15's Z is each map averaged over its locations, so the GCN
     layers are as wide as the encoder's channels."""

@@ -67,7 +67,7 @@ def write_page(run_dir: str | Path, data_dir: str | Path | None = None, per_clus
     shown = _shown_members(clusters, confidence, n_clusters, per_cluster, seed)
     mapped = sample_indices(len(clusters), map_samples, seed)
     wanted = np.unique(np.concatenate([np.empty(0, np.int64)] + [ids for pair in shown.values() for ids in pair]))
-    images, codes, labels = _read_data(data_dir, manifest, trained.model, trained.config.model.latent_dim, wanted,
+    images, codes, labels = _read_data(data_dir, manifest, trained.model, trained.model.latent_dim, wanted,
                                          mapped, batch_size)
 
     out = run.report_dir

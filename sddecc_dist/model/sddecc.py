@@ -38,7 +38,7 @@ class SDDECC(nn.Module):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.n_clusters = n_clusters
-        d = config.latent_dim
+        d = self.latent_dim = auto_latent_dim(n_clusters) if config.latent_dim == "auto" else config.latent_dim
         # The encoder, the decoder's target and the GCN's first layer see the view, not the image.
         self.input_view = ImageView(resolve_input_view(config.input_view, self.image_shape[0]))
         seen_shape = self.input_view.output_shape(self.image_shape)
@@ -346,6 +346,13 @@ class SDDECC(nn.Module):
     def _weighted(terms: dict[str, torch.Tensor], loss_config: LossConfig) -> LossTerms:
         total = losses.weighted_total(terms, loss_config)
         return LossTerms(total, {name: float(value.detach()) for name, value in terms.items()})
+
+
+def auto_latent_dim(n_clusters: int, smallest: int = 10) -> int:
+    """The code's dimension for K clusters: the paper's 10 up to 10 clusters, K above. Ten
+    numbers are a cramped code for 20 or 40 clusters (the UMAP start then separates them in a
+    10-d embedding of 10-d codes); N2D embeds into K dimensions for the same reason."""
+    return max(smallest, n_clusters)
 
 
 def auto_strides(image_shape: tuple[int, int, int], n_layers: int, min_top: int = 4) -> list[int]:

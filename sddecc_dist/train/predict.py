@@ -204,7 +204,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, with_codes
     n, seconds = len(keys), 0.0
     clusters, confidence = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
-    codes = np.empty((n, trained.config.model.latent_dim), dtype=np.float32) if with_codes else None
+    codes = np.empty((n, trained.model.latent_dim), dtype=np.float32) if with_codes else None
     with progress_bars() as progress:
         task = progress.add_task("predict", total=n, status="")
         for positions, images in blocks:  # one block of images in memory at a time

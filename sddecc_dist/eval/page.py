@@ -67,8 +67,7 @@ def write_page(run_dir: str | Path, data_dir: str | Path | None = None, per_clus
     shown = _shown_members(clusters, confidence, n_clusters, per_cluster, seed)
     mapped = sample_indices(len(clusters), map_samples, seed)
     wanted = np.unique(np.concatenate([np.empty(0, np.int64)] + [ids for pair in shown.values() for ids in pair]))
-    images, codes, labels = _read_data(data_dir, manifest, trained.model, trained.model.latent_dim, wanted,
-                                         mapped, batch_size)
+    images, codes, labels = _read_data(data_dir, manifest, trained.model, wanted, mapped, batch_size)
 
     out = run.report_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +162,7 @@ def _shown_members(clusters: np.ndarray, confidence: np.ndarray | None, n_cluste
     return shown
 
 
-def _read_data(data_dir: Path, manifest: dict, model, latent_dim: int, wanted: np.ndarray, mapped: np.ndarray,
+def _read_data(data_dir: Path, manifest: dict, model, wanted: np.ndarray, mapped: np.ndarray,
                batch_size: int) -> tuple[dict[int, torch.Tensor], np.ndarray, np.ndarray | None]:
     """One pass over the shards: the images of `wanted`, the mean codes of `mapped` (in the
     order of `mapped`) and every label (None when the data have none)."""
@@ -173,7 +172,7 @@ def _read_data(data_dir: Path, manifest: dict, model, latent_dim: int, wanted: n
     map_row = np.full(manifest["count"], -1, dtype=np.int64)
     map_row[mapped] = np.arange(len(mapped))
     images: dict[int, torch.Tensor] = {}
-    codes = np.zeros((len(mapped), latent_dim), dtype=np.float32)
+    codes = np.zeros((len(mapped), model.latent_dim), dtype=np.float32)
     with torch.no_grad():
         for index, batch, batch_labels in stream_batches(data_dir, batch_size, manifest=manifest):
             ids = index.numpy()

@@ -113,7 +113,7 @@ def build_set(name: str, from_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 SETS = ["digits", "usps", "usps-2000", "usps-1000", "usps-k2", "mnist-5000", "fmnist-5000", "mnist+fmnist", "k40",
         "mnist-32px", "mnist-64px", "mnist-rgb", "mnist-imbalanced"]
-FAST = ["digits", "usps-1000", "k40"]  # digits: the quickstart test (tests/test_train.py); the others: tests/test_generality.py
+FAST = ["digits", "usps-1000", "k40"]  # digits: the quickstart test (tests/test_quickstart.py); the others: tests/test_generality.py
 
 
 # ---- one row ------------------------------------------------------------------------------

@@ -1,12 +1,10 @@
 """Data and runs shared by several test modules, and the threads of each pytest-xdist worker."""
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 
 # The README's test command runs the suite in pytest-xdist workers, one per core. Each worker,
 # and every process it starts (they inherit the environment), then gets its share of the cores:
@@ -19,29 +17,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
         os.environ[_variable] = _threads
 
 
-# The README's quickstart: the default recipe, unchanged, on scikit-learn's digits.
-QUICKSTART = ["configs/default.yaml", "data.source=digits"]
-
-
 @pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory):
-    """The README's quickstart in a temporary folder (about a minute): its result (the run's
-    metrics.json), and the folder holding data/ and run/. Shared by the tests that check the
-    run and those that read it (a test may add files, such as the page, but copies the run
-    before it changes any of the run's own). Under pytest-xdist every
-    worker has a session of its own; the run is made once, by the first worker that needs it,
-    in the folder the workers share, behind a file lock (pytest-xdist's documented pattern)."""
-    from sddecc_dist.config import load_config
-    from sddecc_dist.train.loop import train
+def browser() -> str:
+    """Headless Chromium's path, for the page tests (tests/test_show_page.py, tests/test_quickstart.py)."""
+    from headless_chromium import find_browser
 
-    base = tmp_path_factory.getbasetemp()
-    tmp = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "quickstart"
-    root = Path(__file__).resolve().parent.parent
-    with FileLock(f"{tmp}.lock"):
-        if not (tmp / "run" / "metrics.json").is_file():
-            train(load_config(root / QUICKSTART[0],
-                              [*QUICKSTART[1:], f"data_dir={tmp / 'data'}", f"output_dir={tmp / 'run'}"]))
-    return json.loads((tmp / "run" / "metrics.json").read_text()), tmp
+    path = find_browser()
+    assert path, "the page test needs headless Chromium: apt-get install chromium (the README's test command does)"
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 nobody tuned it for, run by `scripts/generality.py` as a user would run it.
 
 - digits: scikit-learn's 8x8 digits, N = 1 797, K = 10, is the README's quickstart; CI checks
-  it in tests/test_train.py (`test_quickstart_uses_every_cluster_and_beats_raw_kmeans`);
+  it in tests/test_quickstart.py (`test_quickstart_uses_every_cluster_and_beats_raw_kmeans`);
 - usps-1000: 1 000 USPS images, 16x16, K = 10 (from ../shared/datasets/usps; the suite's
   usps-2000 takes about 100 s, too long for CI);
 - k40: 400 images of 40 classes (10 digits and 10 garments, each upright and turned 90°), 28x28.

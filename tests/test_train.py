@@ -1,4 +1,5 @@
-"""End to end: the quickstart on scikit-learn's digits, run folder artifacts, bad input."""
+"""End to end on scikit-learn's digits: samplers, resume, bf16, the starts, bad input (the README's
+quickstart run and what reads it: tests/test_quickstart.py)."""
 
 import json
 import subprocess
@@ -12,63 +13,7 @@ from sddecc_dist.config import ConfigError, load_config
 from sddecc_dist.run_folder import RunFolder
 from sddecc_dist.train.loop import train
 
-from conftest import QUICKSTART
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(quickstart_run, tmp_path):
-    """The generality suite's digits row (tests/test_generality.py has the other two fast sets):
-    no collapse, and ACC above raw-pixel k-means by a margin. Digits' ACC spreads widely over
-    seeds: 0.8136 on seed 0 with the self-labelling stage, 0.8709, 0.8837 and 0.8258 on seeds 0
-    to 2 of the recipe before it (commit d5a273d), against raw k-means' 0.792; hence a margin of
-    0.01 here, where the other fast sets keep 0.03 (tests/test_generality.py)."""
-    from sddecc_dist.eval.baselines import kmeans_on_pixels
-
-    result, tmp = quickstart_run
-    assert result["n_samples"] == 1797 and result["n_clusters"] == 10
-    assert result["n_used_clusters"] == 10 and result["warnings"] == [], result
-    assert result["health"]["size_max"] <= 3.0 / 10, result["health"]
-    kmeans = kmeans_on_pixels(tmp / "data", tmp_path / "kmeans")
-    assert result["acc"] >= kmeans["acc"] + 0.01, (result["acc"], kmeans["acc"])
-    assert result["nmi"] >= 0.80, result
-
-
-def test_run_folder_holds_every_artifact(quickstart_run):
-    result, tmp = quickstart_run
-    run = tmp / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert {"acc", "nmi", "ari", "n_samples", "n_clusters", "seconds", "epoch"} <= metrics.keys()
-    assert metrics["epoch"] == load_config(ROOT / QUICKSTART[0]).train.joint_epochs
-    assignments = np.loadtxt(run / "assignments.txt", dtype=int)
-    assert assignments.shape == (1797,) and assignments.min() >= 0 and assignments.max() < 10
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {line["phase"] for line in lines} == {"pretrain", "kmeans", "self_label", "joint"}
-    for name in ("initial_assignments.txt", "self_label_assignments.txt"):  # the start, the self-labelled start
-        assert np.loadtxt(run / name, dtype=int).shape == (1797,)
-    # label-free health on every scored line and at the end (eval/health.py)
-    for line in lines:
-        if line["phase"] != "pretrain":
-            assert {"clusters_used", "size_min", "size_max", "size_entropy", "silhouette"} <= line.keys(), line
-    assert all("start_agreement" in line for line in lines if line["phase"] in ("self_label", "joint"))
-    assert metrics["health"]["clusters_used"] == metrics["n_used_clusters"] == 10
-    assert metrics["warnings"] == [] and metrics["peak_rss_mib"] > 0
-    # the final metrics are the last epoch's assignments, scored again from the file
-    from sddecc_dist.eval.metrics import clustering_scores
-    from sklearn.datasets import load_digits
-    assert clustering_scores(load_digits().target, assignments)["acc"] == pytest.approx(metrics["acc"])
-    for name in ("pretrain.pt", "final.pt"):
-        assert (run / "checkpoints" / name).stat().st_size > 0
-    assert load_config(run / "config.yaml").output_dir == str(run)
-    assert (tmp / "data" / "dataset.json").exists() and (tmp / "data" / "graph-k3.pt").exists()
-
-
-def test_evaluate_command_rescores_the_assignments(quickstart_run, capsys):
-    from sddecc_dist.cli import main
-
-    result, tmp = quickstart_run
-    assert main(["evaluate", str(tmp / "run"), "--data-dir", str(tmp / "data")]) == 0
-    assert f"acc {result['acc']:.4f}" in capsys.readouterr().out
 
 
 def test_k_not_smaller_than_the_sample_count_is_a_clear_error(tmp_path):

@@ -23,6 +23,13 @@ that its peak resident memory is its own, from the kernel's rusage of that child
 It writes DIR/scale.json: {"n", "stages": {name: {"seconds", "peak_rss_mib"}}, "seconds",
 "peak_rss_mib", "acc", "nmi", "graph": {index, recall}, "train": the schedule}. A stage whose
 output is already there (its marker in DIR/scale.json) is not run again.
+
+A run longer than one sitting can be stopped and continued: SIGTERM or SIGUSR1 to this script
+(Slurm's pre-emption signals) is passed to the stage running; the trainer saves a checkpoint
+and exits with 128 + the signal, and this script records that attempt (its seconds and peak)
+under "stopped" in scale.json and exits with the same status. Called again, it continues the
+train stage from its checkpoint (train.resume=true); the stage's figures are then the sum of
+its attempts' seconds and the largest of their peaks, with "attempts" giving how many ran.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,22 +96,56 @@ def make_set(n: int, from_dir: Path, path: Path, seed: int) -> None:
     os.replace(temporary, path)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOPPED_STATUSES = {128 + signum for signum in STOP_SIGNALS}  # the trainer's exit after a checkpoint
+
+
 def run_stage(name: str, command: list[str], log_path: Path) -> dict:
     """Run `command` as a child process, its output in `log_path`; its wall time and its own peak
     resident memory (ru_maxrss of that child, from os.wait4). A child's high-water mark starts
     at this process's resident memory when it forks, so this process imports neither torch nor
-    the data (about 50 MiB)."""
+    the data (about 50 MiB). SIGTERM and SIGUSR1 sent to this process go to the child; a child
+    that then exits with 128 + the signal (the trainer, after saving a checkpoint) gives its
+    figures with "stopped": its exit status."""
     started = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:  # a continued stage's log follows its stopped attempt's
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
+        previous = {signum: signal.signal(signum, lambda signum, _: child.send_signal(signum))
+                    for signum in STOP_SIGNALS}
+        try:
+            _, status, usage = os.wait4(child.pid, 0)  # retried after a handled signal (PEP 475)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     seconds = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     child.returncode = code  # reaped here, not by Popen.wait
+    figures = {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if code in STOPPED_STATUSES:
+        return {**figures, "stopped": code}
+    if -code in STOP_SIGNALS:  # a stage without checkpoints, ended by the signal passed on
+        raise SystemExit(f"stage {name} stopped by signal {-code} after {figures['seconds']} s; "
+                         f"run the same command again to repeat it")
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"stage {name} failed (exit {code}); the end of {log_path}:\n{tail}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return figures
+
+
+def with_attempts(final: dict, stopped: list[dict]) -> dict:
+    """A stage's figures over all its attempts: the stopped ones' seconds added to the last
+    one's, the largest peak of them all."""
+    if not stopped:
+        return final
+    attempts = [*stopped, final]
+    return {"seconds": round(sum(a["seconds"] for a in attempts), 2),
+            "peak_rss_mib": max(a["peak_rss_mib"] for a in attempts), "attempts": len(attempts)}
+
+
+def resumable(run: Path) -> bool:
+    """Whether the train stage's run folder holds a checkpoint of a stopped attempt."""
+    checkpoints = run / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
 def main() -> int:
@@ -143,11 +185,21 @@ def main() -> int:
                   f"output_dir={run}", f"seed={args.seed}", *schedule],
         "show": [*cli, "show", str(run)],
     }
+    stopped = result.setdefault("stopped", {})
     for name, command in commands.items():
         if name in stages:
             continue
+        if name == "train" and stopped.get(name) and resumable(run):
+            command = [*command, "train.resume=true"]
         console.log(f"{name}: {' '.join(command[1:])}")
-        stages[name] = run_stage(name, command, out / f"{name}.log")
+        figures = run_stage(name, command, out / f"{name}.log")
+        if "stopped" in figures:
+            stopped.setdefault(name, []).append(figures)
+            atomic_write_json(result_path, result)
+            console.log(f"{name}: stopped (exit {figures['stopped']}) after {figures['seconds']} s, peak "
+                        f"{figures['peak_rss_mib']} MiB; run the same command again to continue it")
+            return figures["stopped"]
+        stages[name] = with_attempts(figures, stopped.get(name, []))
         console.log(f"{name}: {stages[name]['seconds']} s, peak {stages[name]['peak_rss_mib']} MiB")
         atomic_write_json(result_path, result)
 

@@ -49,3 +49,35 @@ def test_scale_run_times_every_stage_and_continues(tmp_path):
     assert json.loads((out / "scale.json").read_text())["stages"] == result["stages"]
     bigger = subprocess.run([*command[:3], "3000", *command[4:]], cwd=ROOT, capture_output=True, text=True)
     assert bigger.returncode != 0 and "is a run of 2000 images, not 3000" in bigger.stderr + bigger.stdout
+
+
+# A child that stands for the trainer: on SIGTERM it exits with 128 + 15, as the trainer does
+# after saving its checkpoint; left alone it would run for a minute.
+PREEMPTIBLE = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)"
+STOP_THE_STAGE = f"""
+import json, os, signal, sys, threading
+from pathlib import Path
+sys.path.insert(0, "scripts")
+from scale_run import run_stage
+threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the signal goes to the script
+print(json.dumps(run_stage("train", [sys.executable, "-c", {PREEMPTIBLE!r}], Path(sys.argv[1]))))
+"""
+
+
+def test_a_signal_to_the_script_stops_the_stage_and_is_recorded(tmp_path):
+    done = subprocess.run([sys.executable, "-c", STOP_THE_STAGE, str(tmp_path / "train.log")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["stopped"] == 143  # the child got the signal passed on and exited as the trainer does
+    assert 1.5 < figures["seconds"] < 30 and figures["peak_rss_mib"] > 0
+
+
+def test_a_continued_stage_adds_its_attempts_seconds_and_keeps_the_largest_peak():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from scale_run import with_attempts
+
+    final = {"seconds": 10.0, "peak_rss_mib": 300.0}
+    assert with_attempts(final, []) == final
+    stopped = [{"seconds": 5.5, "peak_rss_mib": 900.0, "stopped": 143}, {"seconds": 2.25, "peak_rss_mib": 200.0, "stopped": 138}]
+    assert with_attempts(final, stopped) == {"seconds": 17.75, "peak_rss_mib": 900.0, "attempts": 3}

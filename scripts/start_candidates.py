@@ -2,9 +2,12 @@
 consensus choice keep? On a run's pretrained codes (checkpoints/pretrain.pt):
 
     python scripts/start_candidates.py runs/x/checkpoints/pretrain.pt --data-dir data/x --candidates 5
+    python scripts/start_candidates.py runs/x/checkpoints/pretrain.pt --data-dir data/x --min-share 0.2
 
 Prints each seed's ACC / NMI (labels are read here only, to score), their mean, and the
-candidate `consensus_choice` keeps without labels (docs/method.md, "Five starts").
+candidate `consensus_choice` keeps without labels (docs/method.md, "Five starts"); with
+--min-share, each seed's fit also with that size floor (`split_small_clusters`) beside it, and
+the smallest cluster's share of N / K of both.
 """
 
 import argparse
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="default: the model config's data_dir")
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="the first candidate's seed")
+    parser.add_argument("--min-share", type=float, default=0.0, help="also each fit with this size floor")
     args = parser.parse_args()
 
     trained = load_model(args.model_file, args.data_dir)
@@ -36,9 +40,24 @@ def main() -> None:
     partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]
     scores = [clustering_scores(labels.numpy(), p) for p in partitions]
     chosen = consensus_choice(partitions)
-    print(json.dumps({"acc": [round(s["acc"], 3) for s in scores], "nmi": [round(s["nmi"], 3) for s in scores],
-                      "mean_acc": round(float(np.mean([s["acc"] for s in scores])), 3),
-                      "chosen": chosen, "chosen_acc": round(scores[chosen]["acc"], 3)}))
+    report = {"acc": [round(s["acc"], 3) for s in scores], "nmi": [round(s["nmi"], 3) for s in scores],
+              "mean_acc": round(float(np.mean([s["acc"] for s in scores])), 3),
+              "chosen": chosen, "chosen_acc": round(scores[chosen]["acc"], 3),
+              "min_share": [_smallest_share(p, k) for p in partitions]}
+    if args.min_share:
+        floored = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, min_share=args.min_share)[0]
+                   for s in seeds]
+        floored_scores = [clustering_scores(labels.numpy(), p) for p in floored]
+        report["floored"] = {"acc": [round(s["acc"], 3) for s in floored_scores],
+                             "nmi": [round(s["nmi"], 3) for s in floored_scores],
+                             "mean_acc": round(float(np.mean([s["acc"] for s in floored_scores])), 3),
+                             "min_share": [_smallest_share(p, k) for p in floored]}
+    print(json.dumps(report))
+
+
+def _smallest_share(partition: np.ndarray, k: int) -> float:
+    """The smallest cluster's size over N / K."""
+    return round(float(np.bincount(partition, minlength=k).min() * k / len(partition)), 3)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,11 @@ class TrainConfig:
     start_candidates: int = param(1, min=1, help="umap_gmm: UMAP + GMM fitted this many times (seeds seed, "
                                                  "seed+1, ...) and the consensus kept: the candidate with the "
                                                  "highest mean NMI to the others (docs/method.md)")
+    start_min_share: float = param(0.0, min=0.0, max=1.0,
+                                   help="umap_gmm: a component of fewer than this times N/K samples is split away: "
+                                        "the largest other cluster is halved by 2-means and the small one's samples "
+                                        "join the nearest cluster (0: off; 0.2 suits sets whose largest class holds "
+                                        "at most 5 times the smallest: docs/method.md)")
     eval_every: int = param(5, min=1, help="joint epochs between metric lines")
     checkpoint_every: int = param(25, min=1, help="epochs (either phase) between periodic checkpoints")
     keep_checkpoints: int = param(2, min=1, help="newest checkpoint folders kept in RUN/checkpoints")

@@ -119,3 +119,37 @@ def test_a_refinement_gives_an_emptied_start_cluster_back_its_members():
     np.testing.assert_array_equal(keep_start_clusters(refined, start), [0, 1, 1, 1, 2, 2, 3])
     np.testing.assert_array_equal(keep_start_clusters(start, start), start)  # nothing emptied: unchanged
     np.testing.assert_array_equal(refined, [0, 1, 1, 1, 1, 1, 0])  # the input is not modified
+
+
+def test_a_cluster_under_the_size_floor_is_split_away_and_its_points_join_the_nearest():
+    """The failure it mends, in 2-d: classes A, B, C of 100 points each, and a tight blob of 10
+    more of class A beside it. Three clusters were spent as {blob}, {A}, {B and C merged}: the
+    floor (a fifth of N / K = 310 / 3) splits B-and-C by 2-means and gives the blob to A."""
+    from sddecc_dist.model.initial_partition import split_small_clusters
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [20.0, 8.0], [0.0, 5.0]])  # A, B, C, A's blob
+    points = np.concatenate([rng.normal(scale=1.0, size=(100, 2)) + centres[c] for c in range(3)]
+                            + [rng.normal(scale=0.1, size=(10, 2)) + centres[3]])
+    truth = np.repeat([0, 1, 2, 0], [100, 100, 100, 10])
+    before = np.repeat([1, 2, 2, 0], [100, 100, 100, 10])  # cluster 0 the blob, cluster 2 holds B and C
+    after = split_small_clusters(points, before, 3, min_share=0.2, seed=0)
+    assert _same_partition(after, [np.flatnonzero(truth == c).tolist() for c in range(3)])
+    assert np.bincount(after, minlength=3).min() == 100
+    np.testing.assert_array_equal(before, np.repeat([1, 2, 2, 0], [100, 100, 100, 10]))  # input unchanged
+    # a floor the blob meets (10 >= 0.05 * 310 / 3), or clusters all above it: nothing moves
+    np.testing.assert_array_equal(split_small_clusters(points, before, 3, min_share=0.05, seed=0), before)
+    np.testing.assert_array_equal(split_small_clusters(points, truth, 3, min_share=0.2, seed=0), truth)
+
+
+def test_umap_gmm_with_a_size_floor_keeps_clusters_that_meet_it():
+    """On five separated blobs of 60 (each 1.0 of N / K) the floor changes nothing; on blobs of
+    unequal sizes within five times of each other (the smallest 0.4 of N / K), nothing either."""
+    rng = np.random.default_rng(0)
+    for sizes in ([60] * 5, [30, 45, 60, 90, 150]):
+        truth = np.repeat(np.arange(5), sizes)
+        codes = rng.normal(scale=0.3, size=(len(truth), 6)) + 6.0 * rng.normal(size=(5, 6))[truth]
+        plain, _ = initial_partition(codes, 5, "umap_gmm", n_init=3, seed=0)
+        floored, centres = initial_partition(codes, 5, "umap_gmm", n_init=3, seed=0, min_share=0.2)
+        np.testing.assert_array_equal(floored, plain)
+        assert _same_partition(floored, [np.flatnonzero(truth == c).tolist() for c in range(5)])

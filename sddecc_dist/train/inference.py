@@ -346,4 +346,4 @@ def start_partition(core: SDDECC, share: NodeShare, adjacency: torch.Tensor | No
     return initial_partition(codes, n_clusters, config.train.center_init, graph=adjacency_sp,
                              n_init=config.train.kmeans_n_init, seed=config.seed,
                              fit_sample=config.train.start_fit_sample, knn=knn,
-                             candidates=config.train.start_candidates)
+                             candidates=config.train.start_candidates, min_share=config.train.start_min_share)

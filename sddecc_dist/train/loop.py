@@ -292,9 +292,11 @@ def _start(t: Training) -> None:
     t.state.start_ready, t.state.start_scores = True, t.score(labels)
     smoothing = cfg.center_init_smoothing if t.sampler.adjacency is not None else 0
     health = t.health(labels, None)
-    consensus = f", the consensus of {cfg.start_candidates} fits" if cfg.center_init == "umap_gmm" and \
+    how = f", the consensus of {cfg.start_candidates} fits" if cfg.center_init == "umap_gmm" and \
         cfg.start_candidates > 1 else ""
-    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x{consensus}): "
+    if cfg.center_init == "umap_gmm" and cfg.start_min_share > 0:
+        how += f", clusters under {cfg.start_min_share} of N/K split away"
+    log(f"{cfg.center_init} on pretrained codes (graph-smoothed {smoothing}x{how}): "
         f"{_format(t.state.start_scores)} "
         f"{_format(health)}")
     t.log_metrics({"phase": "kmeans", "epoch": t.pretrain.epochs, **t.state.start_scores, **health,

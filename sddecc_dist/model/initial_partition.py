@@ -134,11 +134,10 @@ def split_small_clusters(points: np.ndarray, labels: np.ndarray, n_clusters: int
     Why: with min_dist 0, UMAP packs a tight sub-group (27 of digits' 182 ones, written
     alike; at 10^6 warped digits, two groups of about 10 000 mixed images) into a dense blob
     that a GMM component takes whole, while two classes share another component: a cluster
-    spent on a sub-group, two classes merged. A size floor is
-    a prior on the clusters, not a fit: min_share = 1/5 is what a set whose largest class holds
-    at most five times its smallest can need (its smallest class then holds at least about a
-    fifth of N / K), so no such class is taken apart. The split runs before the merge, so that
-    2-means does not just cut the blob away again."""
+    spent on a sub-group, two classes merged. A size floor is a prior on the clusters, not a
+    fit: with min_share = 1/5, no set whose largest class holds at most five times its smallest
+    has a class below the floor (its smallest class holds at least about a fifth of N / K). The
+    split runs before the merge, so that 2-means does not just cut the blob away again."""
     labels = labels.copy()
     n = len(labels)
     for _ in range(n_clusters):

@@ -38,21 +38,22 @@ def main() -> None:
     k = trained.model.n_clusters
     seeds = range(args.seed, args.seed + args.candidates)
     partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]
-    scores = [clustering_scores(labels.numpy(), p) for p in partitions]
+    report = _summary(partitions, labels.numpy(), k)
     chosen = consensus_choice(partitions)
-    report = {"acc": [round(s["acc"], 3) for s in scores], "nmi": [round(s["nmi"], 3) for s in scores],
-              "mean_acc": round(float(np.mean([s["acc"] for s in scores])), 3),
-              "chosen": chosen, "chosen_acc": round(scores[chosen]["acc"], 3),
-              "min_share": [_smallest_share(p, k) for p in partitions]}
+    report.update(chosen=chosen, chosen_acc=report["acc"][chosen])
     if args.min_share:
         floored = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, min_share=args.min_share)[0]
                    for s in seeds]
-        floored_scores = [clustering_scores(labels.numpy(), p) for p in floored]
-        report["floored"] = {"acc": [round(s["acc"], 3) for s in floored_scores],
-                             "nmi": [round(s["nmi"], 3) for s in floored_scores],
-                             "mean_acc": round(float(np.mean([s["acc"] for s in floored_scores])), 3),
-                             "min_share": [_smallest_share(p, k) for p in floored]}
+        report["floored"] = _summary(floored, labels.numpy(), k)
     print(json.dumps(report))
+
+
+def _summary(partitions: list[np.ndarray], labels: np.ndarray, k: int) -> dict:
+    """Each partition's ACC and NMI, their mean ACC, and its smallest cluster's share of N / K."""
+    scores = [clustering_scores(labels, p) for p in partitions]
+    return {"acc": [round(s["acc"], 3) for s in scores], "nmi": [round(s["nmi"], 3) for s in scores],
+            "mean_acc": round(float(np.mean([s["acc"] for s in scores])), 3),
+            "min_share": [_smallest_share(p, k) for p in partitions]}
 
 
 def _smallest_share(partition: np.ndarray, k: int) -> float:

@@ -7,7 +7,8 @@ consensus choice keep? On a run's pretrained codes (checkpoints/pretrain.pt):
 Prints each seed's ACC / NMI (labels are read here only, to score), their mean, and the
 candidate `consensus_choice` keeps without labels (docs/method.md, "Five starts"); with
 --min-share, each seed's fit also with that size floor (`split_small_clusters`) beside it, and
-the smallest cluster's share of N / K of both.
+the smallest cluster's share of N / K of both. UMAP's neighbours come from FAISS, as in the
+trainer's start (`train/inference.py`), so the first seed's plain fit is the run's own start.
 """
 
 import argparse
@@ -17,7 +18,8 @@ import numpy as np
 
 from sddecc_dist.data import load_all
 from sddecc_dist.eval.metrics import clustering_scores
-from sddecc_dist.model.initial_partition import consensus_choice, initial_partition
+from sddecc_dist.graph.knn import umap_knn
+from sddecc_dist.model.initial_partition import consensus_choice, initial_partition, umap_neighbours
 from sddecc_dist.run_folder import load_model
 
 
@@ -37,12 +39,13 @@ def main() -> None:
     codes = trained.model.mean_codes(images, "cpu").numpy()
     k = trained.model.n_clusters
     seeds = range(args.seed, args.seed + args.candidates)
-    partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s)[0] for s in seeds]
+    knn = umap_knn(codes, umap_neighbours(len(codes), k))  # the trainer's own (start_fit_sample: all codes)
+    partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, knn=knn)[0] for s in seeds]
     report = _summary(partitions, labels.numpy(), k)
     chosen = consensus_choice(partitions)
     report.update(chosen=chosen, chosen_acc=report["acc"][chosen])
     if args.min_share:
-        floored = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, min_share=args.min_share)[0]
+        floored = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, knn=knn, min_share=args.min_share)[0]
                    for s in seeds]
         report["floored"] = _summary(floored, labels.numpy(), k)
     print(json.dumps(report))

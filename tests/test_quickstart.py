@@ -36,10 +36,9 @@ def quickstart_run(tmp_path_factory):
 
 def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(quickstart_run, tmp_path):
     """The generality suite's digits row (tests/test_generality.py has the other two fast sets):
-    no collapse, and ACC above raw-pixel k-means by a margin. Digits' ACC spreads widely over
-    seeds: 0.8136 on seed 0 with the self-labelling stage, 0.8709, 0.8837 and 0.8258 on seeds 0
-    to 2 of the recipe before it (commit d5a273d), against raw k-means' 0.792; hence a margin of
-    0.01 here, where the other fast sets keep 0.03 (tests/test_generality.py)."""
+    no collapse, and ACC above raw-pixel k-means by the suite's margin of 0.03. With the start's
+    size floor (`train.start_min_share: 0.2`) seeds 0 to 2 give 0.899, 0.952 and 0.899 against
+    raw k-means' 0.792 (without it 0.880, 0.885 and 0.821: docs/generality.md)."""
     from sddecc_dist.eval.baselines import kmeans_on_pixels
 
     result, tmp = quickstart_run
@@ -47,7 +46,7 @@ def test_quickstart_uses_every_cluster_and_beats_raw_kmeans(quickstart_run, tmp_
     assert result["n_used_clusters"] == 10 and result["warnings"] == [], result
     assert result["health"]["size_max"] <= 3.0 / 10, result["health"]
     kmeans = kmeans_on_pixels(tmp / "data", tmp_path / "kmeans")
-    assert result["acc"] >= kmeans["acc"] + 0.01, (result["acc"], kmeans["acc"])
+    assert result["acc"] >= kmeans["acc"] + 0.03, (result["acc"], kmeans["acc"])
     assert result["nmi"] >= 0.80, result
 
 

@@ -104,12 +104,12 @@ def test_joint_encoder_subset_encodes_the_other_nodes_every_refresh_steps(tmp_pa
 
 def test_bf16_autocast_and_gradient_accumulation_run_end_to_end(tmp_path):
     # bf16 autocast (on CPU here, on GPUs the same code path) must get through the sparse
-    # propagation (kept in float32) and train; accumulation splits each batch of 64 in two.
+    # propagation (kept in float32) and train; accumulation splits each batch of 128 in two.
     # Its own process: Accelerate's state (mixed precision included) is one per process.
     run = tmp_path / "bf16"
     out = subprocess.run(
         [sys.executable, "launch/train.py", "--config", "configs/digits.yaml", f"data_dir={tmp_path / 'data'}",
-         f"output_dir={run}", "train.pretrain_epochs=10", "train.head_warmup_epochs=3", "train.joint_epochs=10",
+         f"output_dir={run}", "train.pretrain_epochs=5", "train.head_warmup_epochs=3", "train.joint_epochs=10",
          "train.kmeans_n_init=2", "train.mixed_precision=bf16", "train.gradient_accumulation_steps=2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # joint phase uses Cluster-GCN subgraphs (18 METIS partitions of ~100 nodes, 3 per step), so
 # the partitioned shards, their rank split and the distributed layer-wise inference are tested;
 # tests/test_train.py covers the full-batch sampler.
-SHORT = ["data.samples_per_shard=900", "train.pretrain_epochs=12", "train.joint_epochs=20",
+SHORT = ["data.samples_per_shard=900", "train.pretrain_epochs=18", "train.joint_epochs=20",
          "train.head_warmup_epochs=10", "train.eval_every=20", "train.checkpoint_every=5",
          "train.num_threads=1", "train.keep_checkpoints=2", "train.joint_sampler=cluster",
          "train.partition_size=100", "train.partitions_per_batch=3", "train.partitions_per_shard=3",
@@ -161,7 +161,7 @@ def test_deepspeed_zero2_runs_two_cpu_processes_end_to_end(tmp_path):
 
     # no self-labelling stage here (the other tests run it on two processes): ZeRO-2 through
     # pretraining, the start, the warm-up and the joint phase, and its checkpoints
-    result = _run(tmp_path / "data", tmp_path / "run", 2, "train.pretrain_epochs=8", "train.joint_epochs=10",
+    result = _run(tmp_path / "data", tmp_path / "run", 2, "train.pretrain_epochs=14", "train.joint_epochs=10",
                   "train.head_warmup_epochs=3", "train.self_label_epochs=0",
                   accelerate_config="configs/accelerate/deepspeed_zero2.yaml")
     assert result["world_size"] == 2

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from sklearn.cluster import KMeans
-from sklearn.mixture import GaussianMixture
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
@@ -35,7 +34,7 @@ from sddecc_dist.data import load_all, load_source  # noqa: E402
 from sddecc_dist.eval.health import cluster_health  # noqa: E402
 from sddecc_dist.eval.metrics import clustering_scores  # noqa: E402
 from sddecc_dist.graph.knn import umap_knn  # noqa: E402
-from sddecc_dist.model.initial_partition import umap_embedding, umap_neighbours  # noqa: E402
+from sddecc_dist.model.initial_partition import gmm_partition, umap_embedding, umap_neighbours  # noqa: E402
 from sddecc_dist.pipeline import prepare_dataset  # noqa: E402
 from sddecc_dist.run_folder import RunFolder  # noqa: E402
 from sddecc_dist.utils import atomic_write_json, atomic_write_text, console  # noqa: E402
@@ -132,8 +131,7 @@ def baselines(data_dir: Path, seed: int, umap_gmm: bool = True) -> dict:
         return result
     started = time.time()
     embedding = umap_embedding(x, k, seed, knn=umap_knn(x, umap_neighbours(len(x), k)))
-    gmm = GaussianMixture(k, covariance_type="full", n_init=10, random_state=seed, reg_covar=1e-5).fit(embedding)
-    umap_gmm = gmm.predict(embedding)
+    umap_gmm = gmm_partition(embedding, k, n_init=10, seed=seed)
     return {**result, "umap_gmm": {**clustering_scores(y, umap_gmm), "seconds": round(time.time() - started, 1),
                                    **cluster_health(umap_gmm, k)}}
 

@@ -7,8 +7,10 @@ consensus choice keep? On a run's pretrained codes (checkpoints/pretrain.pt):
 Prints each seed's ACC / NMI (labels are read here only, to score), their mean, and the
 candidate `consensus_choice` keeps without labels (docs/method.md, "Five starts"); with
 --min-share, each seed's fit also with that size floor (`split_small_clusters`) beside it, and
-the smallest cluster's share of N / K of both. UMAP's neighbours come from FAISS, as in the
-trainer's start (`train/inference.py`), so the first seed's plain fit is the run's own start.
+the smallest cluster's share of N / K of both (the floor applied to the same seed's UMAP
+embedding and GMM as the plain fit). UMAP's neighbours come from FAISS where the trainer's
+start takes them from there (`train/inference.py`: up to `train.start_fit_sample` codes), so
+the first seed's fit is the run's own start.
 """
 
 import argparse
@@ -19,7 +21,8 @@ import numpy as np
 from sddecc_dist.data import load_all
 from sddecc_dist.eval.metrics import clustering_scores
 from sddecc_dist.graph.knn import umap_knn
-from sddecc_dist.model.initial_partition import consensus_choice, initial_partition, umap_neighbours
+from sddecc_dist.model.initial_partition import (consensus_choice, gmm_partition, split_small_clusters,
+                                                 umap_embedding, umap_neighbours)
 from sddecc_dist.run_folder import load_model
 
 
@@ -38,15 +41,18 @@ def main() -> None:
         raise SystemExit("the data have no labels to score the candidates with")
     codes = trained.model.mean_codes(images, "cpu").numpy()
     k = trained.model.n_clusters
-    seeds = range(args.seed, args.seed + args.candidates)
-    knn = umap_knn(codes, umap_neighbours(len(codes), k))  # the trainer's own (start_fit_sample: all codes)
-    partitions = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, knn=knn)[0] for s in seeds]
+    fit_sample = trained.config.train.start_fit_sample
+    knn = umap_knn(codes, umap_neighbours(len(codes), k)) if len(codes) <= fit_sample else None  # the trainer's
+    partitions, floored = [], []
+    for seed in range(args.seed, args.seed + args.candidates):  # initial_partition's umap_gmm, step by step
+        embedding = umap_embedding(codes, k, seed, fit_sample, knn)
+        partitions.append(gmm_partition(embedding, k, n_init=10, seed=seed))
+        if args.min_share:
+            floored.append(split_small_clusters(embedding, partitions[-1], k, args.min_share, seed))
     report = _summary(partitions, labels.numpy(), k)
     chosen = consensus_choice(partitions)
     report.update(chosen=chosen, chosen_acc=report["acc"][chosen])
     if args.min_share:
-        floored = [initial_partition(codes, k, "umap_gmm", n_init=10, seed=s, knn=knn, min_share=args.min_share)[0]
-                   for s in seeds]
         report["floored"] = _summary(floored, labels.numpy(), k)
     print(json.dumps(report))
 

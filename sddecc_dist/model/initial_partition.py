@@ -111,6 +111,15 @@ def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: in
 def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int,
               knn: tuple[np.ndarray, np.ndarray] | None, min_share: float) -> tuple[np.ndarray, np.ndarray]:
     embedding = umap_embedding(codes, n_clusters, seed, fit_sample, knn)
+    labels = gmm_partition(embedding, n_clusters, n_init, seed)
+    if min_share > 0:
+        labels = split_small_clusters(embedding, labels, n_clusters, min_share, seed)
+    return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+
+
+def gmm_partition(embedding: np.ndarray, n_clusters: int, n_init: int, seed: int) -> np.ndarray:
+    """Labels (N,) of a full-covariance Gaussian mixture fitted to `embedding` (`n_init`
+    starts, the best likelihood kept), every component naming at least one sample."""
     mixture = GaussianMixture(n_clusters, covariance_type="full", n_init=n_init, random_state=seed,
                               reg_covar=1e-5).fit(embedding)
     responsibilities = mixture.predict_proba(embedding)
@@ -119,9 +128,7 @@ def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sa
     for empty in np.flatnonzero(np.bincount(labels, minlength=n_clusters) == 0):
         candidates = np.flatnonzero(np.bincount(labels, minlength=n_clusters)[labels] > 1)
         labels[candidates[responsibilities[candidates, empty].argmax()]] = empty
-    if min_share > 0:
-        labels = split_small_clusters(embedding, labels, n_clusters, min_share, seed)
-    return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+    return labels
 
 
 def split_small_clusters(points: np.ndarray, labels: np.ndarray, n_clusters: int, min_share: float,

@@ -27,7 +27,7 @@ from scipy.stats import multivariate_normal
 
 from sddecc_dist.data import load_all
 from sddecc_dist.graph.knn import umap_knn
-from sddecc_dist.model.initial_partition import gmm_partition, split_small_clusters, umap_embedding, umap_neighbours
+from sddecc_dist.model.initial_partition import umap_gmm_labels, umap_neighbours
 from sddecc_dist.run_folder import load_model
 
 
@@ -49,10 +49,8 @@ def main() -> None:
     if n > train.start_fit_sample:
         raise SystemExit(f"{n} codes: this script fits UMAP on all of them; at most {train.start_fit_sample}")
     neighbours = umap_knn(codes, umap_neighbours(n, k))
-    embedding = umap_embedding(codes, k, args.seed, train.start_fit_sample, neighbours)
-    labels = gmm_partition(embedding, k, n_init=10, seed=args.seed)
-    if train.start_min_share > 0:
-        labels = split_small_clusters(embedding, labels, k, train.start_min_share, args.seed)
+    labels, embedding = umap_gmm_labels(codes, k, train.kmeans_n_init, args.seed, train.start_fit_sample, neighbours,
+                                        train.start_min_share)
 
     table = np.zeros((k, classes.max() + 1), dtype=int)
     np.add.at(table, (labels, classes), 1)

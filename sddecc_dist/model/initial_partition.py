@@ -110,11 +110,19 @@ def umap_embedding(codes: np.ndarray, n_clusters: int, seed: int, fit_sample: in
 
 def _umap_gmm(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int,
               knn: tuple[np.ndarray, np.ndarray] | None, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+    labels, _ = umap_gmm_labels(codes, n_clusters, n_init, seed, fit_sample, knn, min_share)
+    return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+
+
+def umap_gmm_labels(codes: np.ndarray, n_clusters: int, n_init: int, seed: int, fit_sample: int,
+                    knn: tuple[np.ndarray, np.ndarray] | None, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), the UMAP embedding they were fitted on) of one umap_gmm start: UMAP, the
+    GMM, then the size floor when `min_share` > 0 (scripts read the embedding to diagnose it)."""
     embedding = umap_embedding(codes, n_clusters, seed, fit_sample, knn)
     labels = gmm_partition(embedding, n_clusters, n_init, seed)
     if min_share > 0:
         labels = split_small_clusters(embedding, labels, n_clusters, min_share, seed)
-    return labels, np.stack([codes[labels == c].mean(0) for c in range(n_clusters)])
+    return labels, embedding
 
 
 def gmm_partition(embedding: np.ndarray, n_clusters: int, n_init: int, seed: int) -> np.ndarray:

@@ -146,6 +146,11 @@ class LossConfig:
     mi_weight: float = param(0.01, min=0.0, help="lambda_1 (Eq. 12); 0 switches both MI terms off")
     global_mi: bool = param(True, help="T1(x, z)")
     local_mi: bool = param(True, help="T2(C_ij, z)")
+    view_weight: float = param(0.0, min=0.0, paper=0.0, departure="view contrast {}",
+                               help="pretraining and self-labelling: InfoNCE between the codes of each clean "
+                                    "image and of its augmented view, the batch's other images as negatives "
+                                    "(needs train.pretrain_augment)")
+    view_temperature: float = param(0.5, min=1e-6, help="temperature of the view contrast (SimCLR's 0.5)")
     kl_weight: float = param(1.0, min=0.0, help="lambda_2: prior KL in pretraining, clustering KL (Eq. 18) jointly")
     prior_kl: bool = param(True, help="pretraining: KL(p(z|x) || N(0, I))")
     cluster_kl: bool = param(True, help="joint phase: Eq. 18; false trains no clustering head (ConvAE + k-means)")
@@ -396,6 +401,10 @@ def validate(config: Config) -> None:
     if graph_terms and not model.use_gcn:
         raise ConfigError(f"{', '.join('loss.' + k for k in graph_terms)} use(s) the kNN graph, which only the "
                           f"GCN model has (model.use_gcn=false): set to 0")
+    if config.loss.view_weight > 0 and (config.train.pretrain_augment == "none"
+                                        or config.train.augment_target != "clean"):
+        raise ConfigError("loss.view_weight contrasts each clean image with its augmented view: it needs "
+                          "train.pretrain_augment=affine and train.augment_target=clean (or loss.view_weight=0)")
     if config.train.self_label_epochs and not model.self_label_head:
         raise ConfigError("train.self_label_epochs trains model.self_label_head: set model.self_label_head=true "
                           "(or train.self_label_epochs=0)")

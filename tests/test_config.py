@@ -100,3 +100,10 @@ def test_graph_terms_without_the_gcn_are_rejected():
     for variant in ("convae", "convae_mi"):  # rows of the paper's Table 4: its uniform q(y)
         config = load_config(["configs/paper/usps.yaml", f"configs/ablations/{variant}.yaml"], [])
         assert config.loss.cluster_prior == "uniform" and config.train.head_warmup_target == "posterior"
+
+
+def test_view_contrast_without_a_clean_augmented_pair_is_rejected():
+    for override in ("train.pretrain_augment=none", "train.augment_target=augmented"):
+        with pytest.raises(ConfigError, match=r"loss.view_weight contrasts each clean image with its augmented view"):
+            load_config("configs/digits.yaml", ["loss.view_weight=1", "train.pretrain_augment=affine", override])
+    assert load_config("configs/digits.yaml", ["loss.view_weight=1", "train.pretrain_augment=affine"]).loss.view_weight == 1

@@ -71,6 +71,26 @@ def test_jsd_optimum_on_a_known_pair_of_distributions():
     assert losses.jsd_mi_loss(pos, neg).item() == pytest.approx(loss_fn().item(), abs=1e-4)
 
 
+def test_view_contrast_against_its_definition_by_loops():
+    """InfoNCE of two views: for each row i, -log of the softmax over j of cos(a_i, b_j) / τ at
+    j = i, averaged both ways (a against b's rows and b against a's)."""
+    torch.manual_seed(0)
+    a, b, tau = torch.randn(6, 4), torch.randn(6, 4), 0.5
+    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))
+    expected = 0.0
+    for first, second in ((a, b), (b, a)):
+        for i in range(len(a)):
+            scores = [math.exp(cos(first[i], second[j]) / tau) for j in range(len(a))]
+            expected += -math.log(scores[i] / sum(scores)) / (2 * len(a))
+    assert losses.view_contrast(a, b, tau).item() == pytest.approx(expected, rel=1e-5)
+    # Views that match (up to scale) and differ from the other rows: near 0 at a low temperature.
+    eye = torch.eye(5)
+    assert losses.view_contrast(eye, 3 * eye, 0.01).item() < 1e-30 + 1e-6
+    # Every row the same: no image can be told apart, log B.
+    same = torch.ones(5, 3)
+    assert losses.view_contrast(same, same, 0.5).item() == pytest.approx(math.log(5))
+
+
 def test_shuffle_in_batch_is_a_permutation_without_fixed_points():
     x = torch.arange(50).float()[:, None]
     for seed in range(20):

@@ -263,6 +263,22 @@ def test_pretraining_reconstructs_the_given_target():
     assert terms.parts["recon"] == pytest.approx(0.5 * x_hat.pow(2).flatten(1).sum(1).mean().item(), rel=1e-5)
 
 
+def test_view_contrast_pairs_each_augmented_code_with_its_clean_images_code():
+    from sddecc_dist.model import losses
+    torch.manual_seed(0)
+    model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
+    cfg = LossConfig(mi_weight=0.0, prior_kl=False, view_weight=2.0, view_temperature=0.5)
+    x, clean = torch.rand(6, 1, 8, 8), torch.rand(6, 1, 8, 8)
+    terms = model("pretrain", x, loss_config=cfg, target=clean)
+    with torch.no_grad():
+        expected = losses.view_contrast(model.encode(x).mean, model.encode(clean).mean, 0.5)
+    assert set(terms.parts) == {"recon", "view_nce"}
+    assert terms.parts["view_nce"] == pytest.approx(expected.item(), rel=1e-5)
+    assert terms.total.item() == pytest.approx(terms.parts["recon"] + 2.0 * expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="pass the clean images as `target`"):
+        model("pretrain", x, loss_config=cfg)
+
+
 def test_linear_decoder_output_keeps_its_gradient_where_the_sigmoid_saturates():
     """model.decoder_output: the same weights give sigmoid(a) and a. In MNIST-5000's seed-1
     stall the sigmoid's outputs all sat at 0 (the reconstruction stuck at 1/2 sum x^2 = 43.96

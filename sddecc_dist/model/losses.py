@@ -39,6 +39,16 @@ def jsd_mi_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor) ->
     return F.softplus(-positive_scores).mean() + F.softplus(negative_scores).mean()
 
 
+def view_contrast(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE (SimCLR's NT-Xent, one direction each way): row i of `a` and of `b` are two views
+    of one image; the other rows of the batch are its negatives."""
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    logits = a @ b.T / temperature
+    targets = torch.arange(len(a), device=a.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
+                  + torch.nn.functional.cross_entropy(logits.T, targets))
+
+
 def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Negatives for the MI estimators: pair each sample with another sample of the batch.
 
@@ -181,6 +191,7 @@ DDECN_TERMS: dict[str, str | None] = {
     "global_mi": "mi_weight",
     "local_mi": "mi_weight",
     "prior_kl": "kl_weight",
+    "view_nce": "view_weight",
     "start_ce": None,  # the only term of a head warm-up towards the initial partition
     "self_label_ce": None,  # the self-labelling stage's classifier against the start's clusters
 }

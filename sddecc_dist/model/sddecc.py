@@ -235,6 +235,16 @@ class SDDECC(nn.Module):
     def _pretrain_terms(self, x: torch.Tensor, encoded: EncoderOutput, loss_config: LossConfig,
                         target: torch.Tensor | None) -> dict[str, torch.Tensor]:
         terms = self.ddecn_losses(x, encoded, loss_config, target)
+        if loss_config.view_weight > 0:
+            if target is None:
+                raise ValueError("loss.view_weight > 0 contrasts a clean image with its augmented view: "
+                                 "pass the clean images as `target`")
+            # The clean image's code against its view's, the batch's other images the negatives:
+            # the code must keep what tells an image from others across warps, which the
+            # reconstruction (pixels) and the JSD terms (one shuffled negative, scored beside the
+            # feature map the code is computed from) do not ask of it. docs/method.md.
+            terms["view_nce"] = losses.view_contrast(encoded.mean, self.encode(target).mean,
+                                                     loss_config.view_temperature)
         if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
         return terms

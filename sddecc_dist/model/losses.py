@@ -42,11 +42,9 @@ def jsd_mi_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor) ->
 def view_contrast(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE (SimCLR's NT-Xent, one direction each way): row i of `a` and of `b` are two views
     of one image; the other rows of the batch are its negatives."""
-    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    logits = a @ b.T / temperature
+    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature
     targets = torch.arange(len(a), device=a.device)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
-                  + torch.nn.functional.cross_entropy(logits.T, targets))
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
 def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

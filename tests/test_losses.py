@@ -85,7 +85,7 @@ def test_view_contrast_against_its_definition_by_loops():
     assert losses.view_contrast(a, b, tau).item() == pytest.approx(expected, rel=1e-5)
     # Views that match (up to scale) and differ from the other rows: near 0 at a low temperature.
     eye = torch.eye(5)
-    assert losses.view_contrast(eye, 3 * eye, 0.01).item() < 1e-30 + 1e-6
+    assert losses.view_contrast(eye, 3 * eye, 0.01).item() < 1e-6
     # Every row the same: no image can be told apart, log B.
     same = torch.ones(5, 3)
     assert losses.view_contrast(same, same, 0.5).item() == pytest.approx(math.log(5))

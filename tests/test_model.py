@@ -8,6 +8,7 @@ import torch
 
 from sddecc_dist.config import LossConfig, ModelConfig, load_config
 from sddecc_dist.graph import normalized_adjacency
+from sddecc_dist.model import losses
 from sddecc_dist.model.ddecn import EncoderOutput
 from sddecc_dist.model.sddecc import SDDECC
 
@@ -137,7 +138,6 @@ def test_joint_loss_weights_terms_as_equation_19():
 def test_a_clustering_term_is_added_by_its_config_weight_alone():
     """loss.self_training_weight (default 0, off) switches DEC's self-training term on: the model
     finds it in the registry, nothing else names it."""
-    from sddecc_dist.model import losses
 
     n = 20
     adjacency, model, x = _small_graph_model(n)
@@ -173,7 +173,6 @@ def test_smooth_is_repeated_propagation_and_mean_codes_are_chunk_independent():
 def test_structural_terms_smooth_the_codes_of_equation_18_and_score_neighbours():
     """loss.cluster_code_smoothing = t: Eq. 18 on Â^t mean; loss.neighbour_weight adds the
     neighbour term. Both against the loss functions applied to dense references."""
-    from sddecc_dist.model import losses
 
     n = 20
     adjacency, model, x = _small_graph_model(n)
@@ -264,7 +263,6 @@ def test_pretraining_reconstructs_the_given_target():
 
 
 def test_view_contrast_pairs_each_augmented_code_with_its_clean_images_code():
-    from sddecc_dist.model import losses
     torch.manual_seed(0)
     model = SDDECC((1, 8, 8), 3, ModelConfig(channels=[4, 8], latent_dim=3))
     cfg = LossConfig(mi_weight=0.0, prior_kl=False, view_weight=2.0, view_temperature=0.5)

@@ -243,8 +243,9 @@ class SDDECC(nn.Module):
             # the code must keep what tells an image from others across warps, which the
             # reconstruction (pixels) and the JSD terms (one shuffled negative, scored beside the
             # feature map the code is computed from) do not ask of it. docs/method.md.
-            terms["view_nce"] = losses.view_contrast(encoded.mean, self.encode(target).mean,
-                                                     loss_config.view_temperature)
+            # The encoder alone: the self-labelling classifier's logits of the clean image are not used.
+            clean_mean = self.encoder(self.input_view(target)).mean
+            terms["view_nce"] = losses.view_contrast(encoded.mean, clean_mean, loss_config.view_temperature)
         if loss_config.uses_prior_kl:
             terms["prior_kl"] = losses.gaussian_prior_kl(encoded.mean, encoded.logvar)
         return terms

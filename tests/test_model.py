@@ -138,7 +138,6 @@ def test_joint_loss_weights_terms_as_equation_19():
 def test_a_clustering_term_is_added_by_its_config_weight_alone():
     """loss.self_training_weight (default 0, off) switches DEC's self-training term on: the model
     finds it in the registry, nothing else names it."""
-
     n = 20
     adjacency, model, x = _small_graph_model(n)
     off, _ = model("joint", x, adjacency=adjacency, aux_index=torch.arange(8), loss_config=LossConfig())
@@ -173,7 +172,6 @@ def test_smooth_is_repeated_propagation_and_mean_codes_are_chunk_independent():
 def test_structural_terms_smooth_the_codes_of_equation_18_and_score_neighbours():
     """loss.cluster_code_smoothing = t: Eq. 18 on Â^t mean; loss.neighbour_weight adds the
     neighbour term. Both against the loss functions applied to dense references."""
-
     n = 20
     adjacency, model, x = _small_graph_model(n)
     cfg = LossConfig(mi_weight=0.0, cluster_code_smoothing=2, neighbour_weight=0.5)

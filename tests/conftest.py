@@ -53,3 +53,18 @@ def short_digits_run(folder: Path, pretrain: int, warmup: int, joint: int) -> Pa
         f"data_dir={folder / 'data'}", f"output_dir={folder / 'run'}", f"train.pretrain_epochs={pretrain}",
         f"train.head_warmup_epochs={warmup}", f"train.joint_epochs={joint}", "train.kmeans_n_init=1"]))
     return folder
+
+
+# pytest-xdist's `--dist loadfile` hands each worker whole test files, in the order given here
+# (`--no-loadscope-reorder`, pyproject.toml: by default it puts the files with the most tests
+# first, which left the few-test files that run whole trainings to the end, one worker running
+# them while the other idled). Longest first, so that the short files fill in at the end.
+# Seconds per file, setup + call + teardown, from `PYTEST_ADDOPTS=--durations=0 bash .ci/run` at
+# commit 1a4aff9; the files not named keep their collection order after these.
+SECONDS_PER_FILE = {"test_distributed.py": 445, "test_generality.py": 285, "test_train.py": 191,
+                    "test_quickstart.py": 182, "test_kill.py": 143, "test_reproduce.py": 113,
+                    "test_scale_run.py": 109, "test_gpu_check.py": 99, "test_graph.py": 50}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: -SECONDS_PER_FILE.get(item.path.name, 0))  # stable: a file's own order kept

@@ -62,6 +62,8 @@ def test_unknown_keys_are_rejected_with_their_name(tmp_path):
     ("train.head_warmup_target=labels", "train.head_warmup_target='labels' must be one of posterior, start"),
     ("train.joint_sampler=graphsaint", "train.joint_sampler='graphsaint' must be one of full, cluster"),
     ("train.mixed_precision=fp8", "train.mixed_precision='fp8' must be one of no, fp16, bf16"),
+    ("train.mixed_precision=no", r"must be one of no, fp16, bf16 \(YAML reads a bare no as false: quote it, "
+     r"train.mixed_precision='no'\)"),
     ("model.channels=[16,0]", r"model.channels=\[16, 0\] must be >= 1"),
     ("train.eval_every=0", "train.eval_every=0 must be >= 1"),
     ("seed=[", "the value is not valid YAML"),

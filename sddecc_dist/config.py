@@ -344,7 +344,7 @@ def _check_type(value: Any, annotation: Any, key: str, origin: str) -> Any:
     if typing.get_origin(annotation) is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed or isinstance(value, bool):
-            # YAML 1.1 reads a bare no, off, yes or on as a boolean: train.mixed_precision=no arrives as False
+            # YAML 1.1 reads a bare no (also off, yes, on) as a boolean: mixed_precision=no arrives as False
             hint = (f" (YAML reads a bare no as false: quote it, {key}='no')"
                     if value is False and "no" in allowed else "")
             raise ConfigError(f"{where}{key}={value!r} must be one of {', '.join(map(str, allowed))}{hint}")

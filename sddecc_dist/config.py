@@ -232,6 +232,11 @@ class TrainConfig:
                                                "catch up with a pretrained encoder, so it gets a larger rate")
     head_warmup_epochs: int = param(0, min=0, help="joint epochs at the start that train only the GCN (DDECN and "
                                                    "centres frozen)")
+    head_warmup_agreement: float = param(
+        0.0, min=0.0, max=1.0,
+        help="end the warm-up early, after the first warm-up epoch in which the GCN's cluster agrees with the "
+             "start's on at least this share of the scored nodes (label-free; with head_warmup_target=start). The "
+             "joint epochs then follow at once, numbered as before. 0: all head_warmup_epochs")
     head_warmup_target: Literal["posterior", "start"] = param(
         "posterior", paper="posterior", departure="head warm-up on the start",
         help="what the GCN learns in the warm-up. posterior: Eq. 18's mixture posterior of the frozen codes. "
@@ -414,6 +419,9 @@ def validate(config: Config) -> None:
     if config.train.resume and config.train.new_version:
         raise ConfigError("train.resume continues the run in output_dir and train.new_version moves it aside to "
                           "start anew: choose one")
+    if config.train.head_warmup_agreement > 0 and config.train.head_warmup_target != "start":
+        raise ConfigError("train.head_warmup_agreement ends the warm-up when the GCN agrees with the start: it needs "
+                          "train.head_warmup_target=start (or train.head_warmup_agreement=0)")
     if config.train.center_init == "ward" and not model.use_gcn:
         raise ConfigError("train.center_init=ward merges along the kNN graph, which only the GCN model has "
                           "(model.use_gcn=false): use kmeans")

@@ -259,6 +259,48 @@ def test_warm_up_towards_the_ward_start_learns_it_and_resumes_exactly(tmp_path):
     assert (tmp_path / "c" / "assignments.txt").read_text() == (tmp_path / "a" / "assignments.txt").read_text()
 
 
+def test_warm_up_ends_at_the_first_epoch_the_gcn_agrees_with_the_start(tmp_path):
+    """train.head_warmup_agreement: the warm-up's remaining epochs are skipped after the first
+    epoch whose Y names the start's cluster of the required share of nodes (each warm-up line's
+    start_match); up to that epoch the run is the full warm-up's, and a run resumed after the
+    skip continues it exactly."""
+    data_dir = tmp_path / "data"
+    keys = ("train.center_init=ward", "loss.cluster_prior=init", "train.head_warmup_target=start",
+            "train.head_warmup_epochs=12", "train.joint_epochs=14", "train.eval_every=1",
+            "train.joint_graph=within_start", "train.checkpoint_every=100")
+
+    def lines(name):  # without the wall time and memory, which vary from run to run
+        return {r["epoch"]: {k: v for k, v in r.items() if k not in ("epoch_seconds", "peak_memory_mib")}
+                for r in RunFolder(tmp_path / name).read_metrics_log() if r["phase"] == "joint"}
+
+    full = train(_short_config(tmp_path, data_dir, "full", *keys))
+    match = [lines("full")[e]["start_match"] for e in range(1, 13)]
+    assert "start_match" not in lines("full")[13]  # a warm-up figure
+    # a share first reached at some epoch before the last of the warm-up: the run must end there
+    target = max(match[:8])
+    ended = 1 + next(e for e, share in enumerate(match) if share >= target)
+    assert ended < 12 and target > match[0], f"the head did not learn the start: {match}"
+    threshold = target - 0.5 / full["n_samples"]  # between the reached count of nodes and one fewer
+
+    early = train(_short_config(tmp_path, data_dir, "early", *keys, f"train.head_warmup_agreement={threshold}"))
+    logged = lines("early")
+    assert sorted(logged) == list(range(1, ended + 1)) + [13, 14]
+    assert all(logged[e] == lines("full")[e] for e in range(1, ended + 1))  # the same run until then
+    state = json.loads(sorted((tmp_path / "early" / "checkpoints").glob("*/trainer_state.json"))[-1].read_text())
+    assert state["head_warmup_ended"] == ended and early["epoch"] == full["epoch"] == 14
+    # metrics.json's wall time of each stage: they make up the run (whose seconds stop before the
+    # finish writes its last files), and the skipped epochs shorten the joint phase's
+    stages = early["stage_seconds"]
+    assert list(stages) == ["setup", "pretrain", "start", "joint", "finish"] and min(stages.values()) >= 0
+    assert sum(stages.values()) - stages["finish"] <= early["seconds"] <= sum(stages.values()) + 1.0
+
+    # stopped one joint epoch after the skip, then resumed: the uninterrupted run's result
+    early_run = ("train.head_warmup_agreement=" + str(threshold),)
+    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_run, "train.joint_epochs=13"))
+    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_run, "train.resume=true"))
+    assert (tmp_path / "resumed" / "assignments.txt").read_text() == (tmp_path / "early" / "assignments.txt").read_text()
+
+
 @pytest.mark.parametrize("sampler", ["full", "cluster"])
 def test_both_joint_samplers_keep_the_same_run_contract(tmp_path, sampler):
     """The loop knows no sampler: the whole-graph and the Cluster-GCN sampler write the same

@@ -60,6 +60,8 @@ class TrainerState:
     # Running estimate of the data's cluster marginal over minibatch steps (losses.marginal_balance_kl)
     cluster_marginal: list[float] | None = None
     sampler: dict = field(default_factory=dict)  # the joint sampler's state_dict(), checked on resume
+    # The joint epoch at which the GCN's warm-up ended (train.head_warmup_agreement), once it has
+    head_warmup_ended: int | None = None
     done: bool = False  # the final checkpoint of a finished run
 
     def to_json(self) -> dict:
@@ -72,6 +74,7 @@ class TrainerState:
                               f"expected {STATE_FORMAT_VERSION}")
         values = {k: v for k, v in values.items() if k != "format_version"}
         values.setdefault("start_self_labelled", False)  # written before the stage existed: it had none
+        values.setdefault("head_warmup_ended", None)  # written before the warm-up could end early
         names = {f.name for f in dataclasses.fields(cls)}
         if set(values) != names:
             raise ConfigError(f"{path} holds fields {sorted(values)}, expected {sorted(names)}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +79,16 @@ class Training:
     pretrain: PretrainBatches
     progress: Progress
     stop: StopSignal
+    # wall seconds of each stage this process ran (a resumed run: only what it ran), for metrics.json
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.time() - began, 2)
 
     def checkpoint(self, at: Position) -> None:
         self.state.position = at
@@ -208,20 +219,25 @@ def _train(config: Config, accelerator: Accelerator, run: RunFolder, manifest: d
         pretrain = PretrainBatches(config, manifest, micro_batch, rank, world, accelerator.device, in_memory)
         t = Training(config, accelerator, run, checkpointer, state, model, core, optimizer, sampler, share, labels,
                      n, n_clusters, pretrain, progress, stop)
+        t.stage_seconds["setup"] = round(time.time() - started, 2)  # data, graph, model (imports not counted)
         # 4. pretraining
         if state.position.phase == "pretrain":
-            _pretrain(t)
+            with t.stage("pretrain"):
+                _pretrain(t)
         elif config.train.init_from and accelerator.is_main_process:  # keep the stage's artifact in this run
             shutil.copyfile(config.train.init_from, run.model_file("pretrain"))
         # 5. the start: centres (and q(y)) from the initial partition of the pretrained codes, once
         if state.position == Position("joint", 0, 0) and not state.start_ready:
-            _start(t)
+            with t.stage("start"):
+                _start(t)
         if (state.position == Position("joint", 0, 0) and config.train.self_label_epochs
                 and not state.start_self_labelled):
-            _self_label(t)
-        # 6. joint training
+            with t.stage("self_label"):
+                _self_label(t)
+        # 6. joint training (its warm-up included)
         joint_epochs = config.train.joint_epochs if config.loss.cluster_kl else 0
-        pending_line = _joint(t, joint_epochs)
+        with t.stage("joint"):
+            pending_line = _joint(t, joint_epochs)
 
     # Training's high-water mark, before the full-graph inference (which holds one layer's
     # activations for all N): with the cluster sampler it should not grow with N beyond O(N·k).
@@ -392,8 +408,14 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
     pending_line = None
     since, since_epoch = time.time(), at.epoch  # the wall time of the epochs between two metric lines
     for epoch in range(at.epoch, joint_epochs):
+        ended = t.state.head_warmup_ended
+        if ended is not None and ended <= epoch < cfg.head_warmup_epochs:  # the warm-up ended early
+            t.progress.update(task, advance=1)
+            since_epoch += 1  # not counted in the next line's epoch_seconds
+            continue
         epoch_start = time.time()
         warm_up = epoch < cfg.head_warmup_epochs
+        agreed = torch.zeros(2, device=device)  # the warm-up's nodes whose Y agrees with the start, of all scored
         _set_learning_rates(t.optimizer, ddecn=0.0 if warm_up else cfg.joint_lr, head=cfg.head_lr)
         for step, batch in t.sampler.epoch(epoch, at.step if epoch == at.epoch else 0):
             # Reconstruction and MI on a random subset of the scored nodes (an unbiased estimate).
@@ -431,12 +453,27 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
             marginal = _update_marginal(marginal, y if batch.scored is None else y[batch.scored], t)
+            if warm_up and "start_labels" in kwargs:
+                scored_y = y if batch.scored is None else y[batch.scored]
+                agreed[0] += (scored_y.argmax(1) == kwargs["start_labels"]).sum()
+                agreed[1] += len(scored_y)
             t.state.cluster_marginal = marginal.tolist()
             t.progress.update(task, status=f"step {step + 1}/{steps_in_epoch} {_format(terms.parts)}")
             t.after_step(Position("joint", epoch, step), steps_in_epoch)
         t.progress.update(task, advance=1)
         last_parts = {**terms.parts, "peak_memory_mib": round(peak_memory_mib(), 1)}
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == joint_epochs
+        may_end = cfg.head_warmup_agreement > 0 and epoch + 1 < cfg.head_warmup_epochs
+        if warm_up and "start_labels" in kwargs and (due or may_end):
+            # the share of the epoch's nodes whose Y named their start cluster: every rank gets
+            # the same sums, so all of them end the warm-up together
+            counts = sum_over_ranks(t.accelerator, agreed)
+            last_parts["start_match"] = round(counts[0].item() / max(counts[1].item(), 1), 6)
+            if may_end and counts[0].item() >= cfg.head_warmup_agreement * counts[1].item():
+                t.state.head_warmup_ended = epoch + 1
+                log(f"warm-up ended after {epoch + 1} of {cfg.head_warmup_epochs} epochs: the GCN names the "
+                    f"start's cluster of {last_parts['start_match']:.2%} of the nodes "
+                    f"(train.head_warmup_agreement={cfg.head_warmup_agreement:g}); the joint epochs follow")
         # A batch of every node: its Y (computed before this step's update) is epoch `epoch`'s
         # assignment. Otherwise scoring needs a full-graph inference; the last epoch's is the
         # final one (so that training's memory peak is measured without it).
@@ -465,6 +502,7 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
             manifest: dict) -> dict:
     """The final assignments (the last epoch's model, no label-based selection), metrics, the
     final checkpoint and model file."""
+    finishing = time.time()
     confidence = None
     if joint_epochs > 0:
         # through files in the run folder, not memory: bounded per rank whatever N (inference.py);
@@ -511,6 +549,7 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         "peak_memory_mib": peak,
         "peak_rss_mib": peak,  # issue 18's name for the same figure; peak_memory_mib kept for older readers
         "training_peak_memory_mib": round(training_peak, 1),
+        "stage_seconds": t.stage_seconds,  # "finish" (inference, result files) added below
         "assignments": RunFolder.ASSIGNMENTS,
     }
     if t.accelerator.device.type == "cuda":  # the GPU's own peak, beside the host's RSS
@@ -525,6 +564,7 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
             cut_along = start if t.config.train.joint_graph == "within_start" else None
             save_predict_state(t.run, t.config, manifest, t.core.gcn.n_layers, t.sampler.adjacency_sp, cut_along,
                                assignments, confidence, images=t.sampler.images_in_memory)
+        t.stage_seconds["finish"] = round(time.time() - finishing, 2)
         t.run.write_metrics(result)
     log(f"final (epoch {joint_epochs}): {_format(scores) or 'no labels: assignments only'} {_format(health)} "
         f"in {result['seconds']:.0f}s, peak {result['peak_memory_mib']:.0f} MiB -> {t.run.path}")

@@ -280,24 +280,24 @@ def test_warm_up_ends_at_the_first_epoch_the_gcn_agrees_with_the_start(tmp_path)
     target = max(match[:8])
     ended = 1 + next(e for e, share in enumerate(match) if share >= target)
     assert ended < 12 and target > match[0], f"the head did not learn the start: {match}"
-    threshold = target - 0.5 / full["n_samples"]  # between the reached count of nodes and one fewer
+    # between the reached count of nodes and one fewer
+    early_end = (f"train.head_warmup_agreement={target - 0.5 / full['n_samples']}",)
 
-    early = train(_short_config(tmp_path, data_dir, "early", *keys, f"train.head_warmup_agreement={threshold}"))
+    early = train(_short_config(tmp_path, data_dir, "early", *keys, *early_end))
     logged = lines("early")
     assert sorted(logged) == list(range(1, ended + 1)) + [13, 14]
     assert all(logged[e] == lines("full")[e] for e in range(1, ended + 1))  # the same run until then
     state = json.loads(sorted((tmp_path / "early" / "checkpoints").glob("*/trainer_state.json"))[-1].read_text())
     assert state["head_warmup_ended"] == ended and early["epoch"] == full["epoch"] == 14
     # metrics.json's wall time of each stage: they make up the run (whose seconds stop before the
-    # finish writes its last files), and the skipped epochs shorten the joint phase's
+    # finish writes its last files)
     stages = early["stage_seconds"]
     assert list(stages) == ["setup", "pretrain", "start", "joint", "finish"] and min(stages.values()) >= 0
     assert sum(stages.values()) - stages["finish"] <= early["seconds"] <= sum(stages.values()) + 1.0
 
     # stopped one joint epoch after the skip, then resumed: the uninterrupted run's result
-    early_run = ("train.head_warmup_agreement=" + str(threshold),)
-    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_run, "train.joint_epochs=13"))
-    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_run, "train.resume=true"))
+    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_end, "train.joint_epochs=13"))
+    train(_short_config(tmp_path, data_dir, "resumed", *keys, *early_end, "train.resume=true"))
     assert (tmp_path / "resumed" / "assignments.txt").read_text() == (tmp_path / "early" / "assignments.txt").read_text()
 
 

@@ -22,10 +22,10 @@ import json
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import multivariate_normal
 
 from sddecc_dist.data import load_all
+from sddecc_dist.eval.metrics import correctly_matched
 from sddecc_dist.graph.knn import umap_knn
 from sddecc_dist.model.initial_partition import umap_gmm_labels, umap_neighbours
 from sddecc_dist.run_folder import load_model
@@ -52,11 +52,9 @@ def main() -> None:
     labels, embedding = umap_gmm_labels(codes, k, train.kmeans_n_init, args.seed, train.start_fit_sample, neighbours,
                                         train.start_min_share)
 
-    table = np.zeros((k, classes.max() + 1), dtype=int)
+    table = np.zeros((k, classes.max() + 1), dtype=int)  # clusters x classes, printed below
     np.add.at(table, (labels, classes), 1)
-    rows, cols = linear_sum_assignment(-table)
-    matched = dict(zip(rows, cols))
-    correct = np.array([matched.get(c, -1) for c in labels]) == classes
+    correct = correctly_matched(classes, labels)
     density = np.empty(n)
     for c in range(k):
         members = labels == c

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from sddecc_dist.eval.metrics import cluster_acc, clustering_scores
+from sddecc_dist.eval.metrics import cluster_acc, clustering_scores, correctly_matched
 
 
 def brute_force_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -50,6 +50,15 @@ def test_unmatched_clusters_count_as_errors() -> None:
     y_pred = np.array([0, 0, 2, 2, 1, 1, 1, 1])  # class 0 split over two clusters
     assert cluster_acc(y_true, y_pred) == pytest.approx(6 / 8)
     assert cluster_acc(y_pred, y_true) == pytest.approx(6 / 8)
+
+
+def test_correctly_matched_names_the_samples_acc_counts() -> None:
+    # class "a" split over clusters 5 and 9: the larger part (5) is matched, 9 is left over
+    y_true = np.array(["a", "a", "a", "b", "b", "b", "c", "c"])
+    y_pred = np.array([5, 5, 9, 7, 7, 7, 3, 7])
+    expected = np.array([True, True, False, True, True, True, True, False])
+    np.testing.assert_array_equal(correctly_matched(y_true, y_pred), expected)
+    assert cluster_acc(y_true, y_pred) == pytest.approx(6 / 8)
 
 
 def test_nmi_ari_equal_sklearn() -> None:

@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-__all__ = ["cluster_acc", "clustering_scores"]
+__all__ = ["cluster_acc", "clustering_scores", "correctly_matched"]
 
 
 def _as_label_vectors(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +29,9 @@ def _as_label_vectors(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray,
     return true, pred
 
 
-def cluster_acc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """Accuracy under the best one-to-one cluster -> class matching.
+def correctly_matched(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """Per sample, whether its cluster's class under the best one-to-one cluster -> class
+    matching (Hungarian) is its own class: the samples ACC counts as right (ACC is the mean).
 
     The contingency matrix is classes x clusters and may be rectangular: with
     more clusters than classes the unmatched clusters' samples count as
@@ -38,9 +39,18 @@ def cluster_acc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     Labels may be any values; they are remapped with ``np.unique``.
     """
     true, pred = _as_label_vectors(y_true, y_pred)
+    _, true_index = np.unique(true, return_inverse=True)
+    _, pred_index = np.unique(pred, return_inverse=True)
     contingency = contingency_matrix(true, pred)  # classes x clusters, each in np.unique order
     rows, cols = linear_sum_assignment(contingency, maximize=True)
-    return float(contingency[rows, cols].sum() / true.size)
+    class_of_cluster = np.full(contingency.shape[1], -1)  # -1: a cluster matched to no class
+    class_of_cluster[cols] = rows
+    return class_of_cluster[pred_index] == true_index
+
+
+def cluster_acc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Accuracy under the best one-to-one cluster -> class matching (`correctly_matched`)."""
+    return float(correctly_matched(y_true, y_pred).mean())
 
 
 def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:

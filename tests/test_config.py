@@ -104,6 +104,14 @@ def test_graph_terms_without_the_gcn_are_rejected():
         assert config.loss.cluster_prior == "uniform" and config.train.head_warmup_target == "posterior"
 
 
+def test_warm_up_agreement_needs_the_start_as_the_warm_up_target():
+    with pytest.raises(ConfigError, match=r"train.head_warmup_agreement ends the warm-up when the GCN agrees with "
+                                          r"the start: it needs train.head_warmup_target=start"):
+        load_config("configs/default.yaml", ["train.head_warmup_target=posterior"])
+    config = load_config("configs/default.yaml", ["train.head_warmup_target=posterior", "train.head_warmup_agreement=0"])
+    assert config.train.head_warmup_target == "posterior"
+
+
 def test_view_contrast_without_a_clean_augmented_pair_is_rejected():
     for override in ("train.pretrain_augment=none", "train.augment_target=augmented"):
         with pytest.raises(ConfigError, match=r"loss.view_weight contrasts each clean image with its augmented view"):

@@ -415,6 +415,7 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
             continue
         epoch_start = time.time()
         warm_up = epoch < cfg.head_warmup_epochs
+        learns_start = warm_up and cfg.head_warmup_target == "start"
         agreed = torch.zeros(2, device=device)  # the warm-up's nodes whose Y agrees with the start, of all scored
         _set_learning_rates(t.optimizer, ddecn=0.0 if warm_up else cfg.joint_lr, head=cfg.head_lr)
         for step, batch in t.sampler.epoch(epoch, at.step if epoch == at.epoch else 0):
@@ -453,7 +454,7 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
             marginal = _update_marginal(marginal, y if batch.scored is None else y[batch.scored], t)
-            if warm_up and "start_labels" in kwargs:
+            if learns_start:
                 scored_y = y if batch.scored is None else y[batch.scored]
                 agreed[0] += (scored_y.argmax(1) == kwargs["start_labels"]).sum()
                 agreed[1] += len(scored_y)
@@ -464,7 +465,7 @@ def _joint(t: Training, joint_epochs: int) -> dict | None:
         last_parts = {**terms.parts, "peak_memory_mib": round(peak_memory_mib(), 1)}
         due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == joint_epochs
         may_end = cfg.head_warmup_agreement > 0 and epoch + 1 < cfg.head_warmup_epochs
-        if warm_up and "start_labels" in kwargs and (due or may_end):
+        if learns_start and (due or may_end):
             # the share of the epoch's nodes whose Y named their start cluster: every rank gets
             # the same sums, so all of them end the warm-up together
             counts = sum_over_ranks(t.accelerator, agreed)

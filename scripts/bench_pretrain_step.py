@@ -1,17 +1,23 @@
-"""Time one pretraining step of the recipe's model, with and without this project's two CPU
+"""Time one pretraining step of the recipe's model, with and without this project's three CPU
 speed-ups of it (issue 23's small-set time; docs/method.md, "Step budget").
 
     python scripts/bench_pretrain_step.py [--shape 1 28 28] [--clusters 40] [--batch 32 256]
 
 For each batch size it times, on random images, forward + backward + optimiser step of
 `SDDECC.pretrain_loss` (reconstruction and both MI terms) with the recipe's model settings
-(configs/default.yaml, or --config), in four variants:
+(configs/default.yaml, or --config), in five variants:
   convs, foreach Adam   the local discriminator run as its three 1x1 convolutions, Adam's
-                        per-tensor (foreach) update: the code before the change
+                        per-tensor (foreach) update, each discriminator run on the positive
+                        pairs and again on the negatives: the code before the speed-ups
   convs, fused Adam
   matmul, foreach Adam
   matmul, fused Adam    LocalDiscriminator.forward as it is (one matrix product over all
-                        locations) and the fused Adam the trainer builds
+                        locations) and the fused Adam the trainer builds, the negatives
+                        still scored by a second forward (the processor's figure that the
+                        docs quote beside their timings, comparable across commits)
+  matmul, fused Adam, paired
+                        the trainer's step: `positive_and_negative`, whose first layer's
+                        part shared by the positive and the negative pairs is computed once
 Every variant starts from the same weights and images. Milliseconds per step, the median of
 --repeats timed runs of --steps steps each, on an idle machine. It prints the thread count and
 the BLAS environment variables, which change the figures.
@@ -27,7 +33,7 @@ import time
 import torch
 
 from sddecc_dist.config import load_config
-from sddecc_dist.model.ddecn import LocalDiscriminator
+from sddecc_dist.model.ddecn import GlobalDiscriminator, LocalDiscriminator
 from sddecc_dist.model.sddecc import SDDECC
 
 
@@ -35,6 +41,15 @@ def _as_convolutions(self: LocalDiscriminator, feature_map: torch.Tensor, z: tor
     """The local discriminator as it ran before: its Sequential of 1x1 convolutions."""
     tiled = z[:, :, None, None].expand(-1, -1, *feature_map.shape[2:])
     return self.net(torch.cat([feature_map, tiled], dim=1)).squeeze(1)
+
+
+def _global_separately(self: GlobalDiscriminator, features: torch.Tensor, z: torch.Tensor, partner: torch.Tensor):
+    """The positive and the negative pairs each through the whole discriminator, as before."""
+    return self(features, z), self(features, z[partner])
+
+
+def _local_separately(self: LocalDiscriminator, feature_map: torch.Tensor, z: torch.Tensor, partner: torch.Tensor):
+    return self(feature_map, z), self(feature_map[partner], z)
 
 
 def time_steps(model: SDDECC, optimizer: torch.optim.Optimizer, x: torch.Tensor, loss_config, steps: int,
@@ -70,19 +85,27 @@ def main() -> None:
           + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                                        "OMP_NUM_THREADS")))
     fast_forward = LocalDiscriminator.forward
-    print("| batch | local discriminator | Adam | ms per step |\n| --- | --- | --- | --- |")
-    for batch in args.batch:
-        x = torch.rand(batch, *args.shape, generator=torch.Generator().manual_seed(0))
-        for local, forward in (("convs", _as_convolutions), ("matmul", fast_forward)):
-            LocalDiscriminator.forward = forward
-            for fused in (False, True):
+    paired = GlobalDiscriminator.positive_and_negative, LocalDiscriminator.positive_and_negative
+    variants = [(local, fused, False) for local in ("convs", "matmul") for fused in (False, True)]
+    variants.append(("matmul", True, True))
+    print("| batch | local discriminator | Adam | negatives | ms per step |\n| --- | --- | --- | --- | --- |")
+    try:
+        for batch in args.batch:
+            x = torch.rand(batch, *args.shape, generator=torch.Generator().manual_seed(0))
+            for local, fused, pairs in variants:
+                LocalDiscriminator.forward = _as_convolutions if local == "convs" else fast_forward
+                GlobalDiscriminator.positive_and_negative, LocalDiscriminator.positive_and_negative = \
+                    paired if pairs else (_global_separately, _local_separately)
                 torch.manual_seed(0)
                 model = SDDECC(tuple(args.shape), args.clusters, config.model)
-                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused,
+                                             foreach=None if fused else True)
                 ms = time_steps(model, optimizer, x, config.loss, args.steps, args.repeats)
-                print(f"| {batch} | {local} | {'fused' if fused else 'foreach'} | {ms:.1f} |", flush=True)
-    LocalDiscriminator.forward = fast_forward
-
+                print(f"| {batch} | {local} | {'fused' if fused else 'foreach'} | "
+                      f"{'paired' if pairs else 'separate'} | {ms:.1f} |", flush=True)
+    finally:
+        LocalDiscriminator.forward = fast_forward
+        GlobalDiscriminator.positive_and_negative, LocalDiscriminator.positive_and_negative = paired
 
 if __name__ == "__main__":
     main()

@@ -100,6 +100,9 @@ def test_shuffle_in_batch_is_a_permutation_without_fixed_points():
         assert not torch.any(shuffled == x[:, 0])
     with pytest.raises(ValueError, match="at least 2"):
         losses.shuffle_in_batch(x[:1])
+    # the partners it reorders by: the same draws give the same pairs
+    partner = losses.shuffle_partners(50, torch.Generator().manual_seed(7))
+    assert torch.equal(losses.shuffle_in_batch(x, torch.Generator().manual_seed(7)), x[partner])
 
 
 def _clustering_kl_monte_carlo(mean, logvar, y, centers, n_draws, prior=None):

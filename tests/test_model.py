@@ -56,6 +56,28 @@ def test_local_discriminator_scores_each_location_with_tiled_code():
     torch.testing.assert_close(scores, model.local_disc.net(torch.cat([feature_map, tiled], 1)).squeeze(1))
 
 
+def test_discriminators_score_negatives_as_their_forward_does():
+    """positive_and_negative computes the first layer's shared part once: the scores and the
+    gradients must be those of forward on the positive pairs and on the shuffled pairs."""
+    torch.manual_seed(0)
+    model = SDDECC((1, 16, 16), 4, ModelConfig(latent_dim=6, local_disc_hidden=8, global_disc_hidden=16))
+    top, middle, z = torch.randn(5, 32, 4, 4), torch.randn(5, 16, 8, 8), torch.randn(5, 6)
+    partner = losses.shuffle_partners(5, torch.Generator().manual_seed(3))
+    cases = [(model.global_disc, top, lambda f, c: (f, c[partner])),  # T1: codes shuffled
+             (model.local_disc, middle, lambda f, c: (f[partner], c))]  # T2: maps shuffled
+    for disc, features, negatives in cases:
+        features, code = features.clone().requires_grad_(), z.clone().requires_grad_()
+        positive, negative = disc.positive_and_negative(features, code, partner)
+        paired = torch.autograd.grad(positive.sum() + 2 * negative.sum(), [features, code, *disc.parameters()])
+        want_positive, want_negative = disc(features, code), disc(*negatives(features, code))
+        separate = torch.autograd.grad(want_positive.sum() + 2 * want_negative.sum(),
+                                       [features, code, *disc.parameters()])
+        torch.testing.assert_close(positive, want_positive)
+        torch.testing.assert_close(negative, want_negative)
+        for got, want in zip(paired, separate):
+            torch.testing.assert_close(got, want)
+
+
 def test_gcn_matches_dense_equations_15_to_17():
     """Y = softmax(Â (mix(H_L, z) W + b)) with H_{l+1} = relu(Â ((1-δ)H_l + δZ_l) W_l), Â dense."""
     torch.manual_seed(0)

@@ -136,6 +136,20 @@ class GlobalDiscriminator(nn.Module):
     def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([features.flatten(1), z], dim=1)).squeeze(1)
 
+    def positive_and_negative(self, features: torch.Tensor, z: torch.Tensor,
+                              partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(features, z) and forward(features, z[partner]) (the negatives: codes shuffled).
+
+        The first layer is linear in [features, z], so its feature part, the widest product of
+        the discriminator, is the same for both and computed once; the other layers run on the
+        two halves as one batch."""
+        first = self.net[0]
+        w_features, w_code = first.weight.split([first.in_features - z.shape[1], z.shape[1]], dim=1)
+        from_features = F.linear(features.flatten(1), w_features, first.bias)
+        from_code = F.linear(z, w_code)
+        h = torch.cat([from_features + from_code, from_features + from_code[partner]])
+        return self.net[1:](h).squeeze(1).chunk(2)
+
 
 class LocalDiscriminator(nn.Module):
     """T2(C_ij, z): three 1x1 convs over the middle feature map concatenated with tiled z."""
@@ -154,8 +168,27 @@ class LocalDiscriminator(nn.Module):
         # A 1x1 conv is a linear map of each location's channels: applied as one matrix product
         # over all B·M·M locations (channels last) it takes half the time of the convolutions
         # on CPU (their backward dominated the pretraining step), with the same weights.
-        h = torch.cat([feature_map, tiled], dim=1).permute(0, 2, 3, 1)
-        for layer in self.net:
+        return self._layers(torch.cat([feature_map, tiled], dim=1).permute(0, 2, 3, 1), self.net)
+
+    def positive_and_negative(self, feature_map: torch.Tensor, z: torch.Tensor,
+                              partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(feature_map, z) and forward(feature_map[partner], z) (the negatives: each
+        code beside another image's map).
+
+        The first 1x1 conv is linear in [C_ij, z]: its map part (every location) and its code
+        part are each computed once, the negatives' map part is the positives' reordered, and
+        the other two layers run on both halves as one batch."""
+        first = self.net[0]
+        weight = first.weight.flatten(1)
+        w_map, w_code = weight.split([weight.shape[1] - z.shape[1], z.shape[1]], dim=1)
+        from_map = F.linear(feature_map.permute(0, 2, 3, 1), w_map, first.bias)  # (B, M, M, hidden)
+        from_code = F.linear(z, w_code)[:, None, None, :]
+        h = torch.cat([from_map + from_code, from_map[partner] + from_code])
+        return self._layers(h, self.net[1:]).chunk(2)
+
+    @staticmethod
+    def _layers(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
+        for layer in layers:
             h = F.linear(h, layer.weight.flatten(1), layer.bias) if isinstance(layer, nn.Conv2d) else layer(h)
         return h.squeeze(-1)
 

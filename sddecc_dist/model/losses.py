@@ -47,19 +47,24 @@ def view_contrast(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Negatives for the MI estimators: pair each sample with another sample of the batch.
+def shuffle_partners(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Negatives for the MI estimators: for each sample of a batch of n, the index of another
+    sample of the batch to pair it with.
 
-    A random cyclic shift by 1..B-1 of a random permutation, so no sample keeps its own
+    A random cyclic shift by 1..n-1 of a random permutation, so no sample keeps its own
     partner (a plain permutation would leave fixed points labelled as negatives)."""
-    n = x.shape[0]
     if n < 2:
         raise ValueError("MI negatives need a batch of at least 2 samples")
     order = torch.randperm(n, generator=generator, device="cpu")
     shift = int(torch.randint(1, n, (1,), generator=generator))
     partner = torch.empty_like(order)
     partner[order] = order.roll(shift)
-    return x[partner.to(x.device)]
+    return partner
+
+
+def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x with its samples reordered by `shuffle_partners`: sample i becomes another sample."""
+    return x[shuffle_partners(x.shape[0], generator).to(x.device)]
 
 
 def clustering_kl(

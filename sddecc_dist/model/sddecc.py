@@ -201,14 +201,12 @@ class SDDECC(nn.Module):
         target = self.input_view(x if target is None else target)
         terms = {"recon": losses.reconstruction_loss(target, self.decoder(z))}
         if loss_config.mi_weight > 0 and loss_config.global_mi:
-            top = encoded.features[-1]
-            positive = self.global_disc(top, z)
-            negative = self.global_disc(top, losses.shuffle_in_batch(z))
+            partner = losses.shuffle_partners(len(z)).to(z.device)  # (x_i, z_partner(i)): the negatives
+            positive, negative = self.global_disc.positive_and_negative(encoded.features[-1], z, partner)
             terms["global_mi"] = losses.jsd_mi_loss(positive, negative)
         if loss_config.mi_weight > 0 and loss_config.local_mi:
-            feature_map = encoded.features[self.local_layer]
-            positive = self.local_disc(feature_map, z)
-            negative = self.local_disc(losses.shuffle_in_batch(feature_map), z)
+            partner = losses.shuffle_partners(len(z)).to(z.device)  # (C_partner(i), z_i)
+            positive, negative = self.local_disc.positive_and_negative(encoded.features[self.local_layer], z, partner)
             # mean over the M x M locations = the 1/(M x M) Σ_ij of Eq. 12
             terms["local_mi"] = losses.jsd_mi_loss(positive, negative)
         return terms

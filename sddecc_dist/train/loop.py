@@ -518,9 +518,10 @@ def _finish(t: Training, joint_epochs: int, pending_line: dict | None, started: 
         probabilities = inference.self_label_assignments(t.core, t.share, t.n, t.accelerator)[2]
         confidence = probabilities[np.arange(t.n), assignments]
     else:  # ConvAE + k-means: the start's partition is the result, and there is no posterior
-        # (a k-means or Ward start): assignments.csv's confidence column stays empty
-        assignments, _ = inference.start_partition(t.core, t.share, t.sampler.adjacency, t.sampler.adjacency_sp,
-                                                   t.n, t.config, t.n_clusters, t.accelerator)
+        # (a k-means or Ward start): assignments.csv's confidence column stays empty. Read back
+        # from the run folder rather than fitted again (a second UMAP + GMM: seconds to minutes).
+        t.accelerator.wait_for_everyone()  # the main process wrote it
+        assignments = t.run.read_initial_assignments()
     scores = t.score(assignments)
     start = _joint_start(t) if joint_epochs > 0 else None
     health = t.health(assignments, start)

@@ -107,5 +107,6 @@ def main() -> None:
         LocalDiscriminator.forward = fast_forward
         GlobalDiscriminator.positive_and_negative, LocalDiscriminator.positive_and_negative = paired
 
+
 if __name__ == "__main__":
     main()

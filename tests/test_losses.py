@@ -91,18 +91,18 @@ def test_view_contrast_against_its_definition_by_loops():
     assert losses.view_contrast(same, same, 0.5).item() == pytest.approx(math.log(5))
 
 
-def test_shuffle_in_batch_is_a_permutation_without_fixed_points():
+def test_shuffle_partners_is_a_permutation_without_fixed_points():
     x = torch.arange(50).float()[:, None]
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
-        shuffled = losses.shuffle_in_batch(x, g)[:, 0]
+        shuffled = x[losses.shuffle_partners(len(x), g)][:, 0]
         assert sorted(shuffled.tolist()) == x[:, 0].tolist()
         assert not torch.any(shuffled == x[:, 0])
     with pytest.raises(ValueError, match="at least 2"):
-        losses.shuffle_in_batch(x[:1])
-    # the partners it reorders by: the same draws give the same pairs
-    partner = losses.shuffle_partners(50, torch.Generator().manual_seed(7))
-    assert torch.equal(losses.shuffle_in_batch(x, torch.Generator().manual_seed(7)), x[partner])
+        losses.shuffle_partners(1)
+    # the same draws give the same pairs
+    assert torch.equal(losses.shuffle_partners(50, torch.Generator().manual_seed(7)),
+                       losses.shuffle_partners(50, torch.Generator().manual_seed(7)))
 
 
 def _clustering_kl_monte_carlo(mean, logvar, y, centers, n_draws, prior=None):

@@ -62,11 +62,6 @@ def shuffle_partners(n: int, generator: torch.Generator | None = None) -> torch.
     return partner
 
 
-def shuffle_in_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x with its samples reordered by `shuffle_partners`: sample i becomes another sample."""
-    return x[shuffle_partners(x.shape[0], generator).to(x.device)]
-
-
 def clustering_kl(
     mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, centers: torch.Tensor,
     prior: torch.Tensor | None = None,
